@@ -1,0 +1,1 @@
+"""Subcommands of the ``dbsam`` CLI, discovered by :mod:`modeling_dbsam.cli`."""

@@ -1,0 +1,75 @@
+"""MedSAM's intensity rules: the one place that turns raw CT/MR/PET values into uint8.
+
+Dataset import, the processor saved with each checkpoint and volume inference all call
+:func:`to_uint8`, so a model sees the same intensities in training and at inference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_CT_WINDOW = (40.0, 400.0)
+"""(level, width) in HU: MedSAM's soft-tissue default."""
+
+CT_WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "soft_tissue": (40.0, 400.0),
+    "abdomen": (40.0, 400.0),
+    "liver": (60.0, 160.0),
+    "brain": (40.0, 80.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "mediastinum": (50.0, 350.0),
+}
+"""Named (level, width) presets in HU."""
+
+PERCENTILE_CLIP = (0.5, 99.5)
+"""Non-CT modalities are clipped at these percentiles of the non-zero voxels."""
+
+
+def window_ct(values: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Clip HU values to ``level +/- width/2`` and scale linearly to uint8 [0, 255]."""
+    if width <= 0:
+        raise ValueError(f"CT window width must be positive, got {width}")
+    low, high = level - width / 2.0, level + width / 2.0
+    return _scale_to_uint8(values, low, high)
+
+
+def clip_percentiles(values: np.ndarray, low: float = PERCENTILE_CLIP[0], high: float = PERCENTILE_CLIP[1]) -> np.ndarray:
+    """Clip at percentiles of the non-zero voxels, scale to uint8, keep zero background at 0."""
+    if not 0 <= low < high <= 100:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got ({low}, {high})")
+    nonzero = values[values != 0]
+    if nonzero.size == 0:
+        return np.zeros(values.shape, dtype=np.uint8)
+    lo, hi = np.percentile(nonzero, [low, high])
+    scaled = _scale_to_uint8(values, float(lo), float(hi))
+    scaled[values == 0] = 0
+    return scaled
+
+
+def to_uint8(values: np.ndarray, modality: str, window: tuple[float, float] | str | None = None) -> np.ndarray:
+    """Apply the rule for ``modality``: a CT window (a (level, width) pair or a preset name) or percentile clipping.
+
+    uint8 input is returned unchanged (already displayable, e.g. 2D photographs).
+    """
+    values = np.asarray(values)
+    if values.dtype == np.uint8:
+        return values
+    if modality.upper() == "CT":
+        if isinstance(window, str):
+            if window not in CT_WINDOW_PRESETS:
+                raise ValueError(f"unknown CT window preset {window!r}; known: {sorted(CT_WINDOW_PRESETS)}")
+            window = CT_WINDOW_PRESETS[window]
+        level, width = window if window is not None else DEFAULT_CT_WINDOW
+        return window_ct(values, level, width)
+    if window is not None:
+        raise ValueError(f"a CT window was given for modality {modality!r}; windows apply to CT only")
+    return clip_percentiles(values)
+
+
+def _scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    values = np.clip(values.astype(np.float32), low, high)
+    span = high - low
+    if span <= 0:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.round((values - low) / span * 255.0).astype(np.uint8)

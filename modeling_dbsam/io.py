@@ -1,0 +1,128 @@
+"""Reading medical images with their geometry and writing masks back atomically.
+
+Every reader in the project (dataset import, volume inference, the CLI) goes through
+:func:`read_image` so that axis order and spacing conventions live in one place:
+arrays are ``(z, y, x)`` for volumes and ``(y, x)`` or ``(y, x, c)`` for 2D images, and
+spacing is reported in the same order as the array axes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+
+
+def path_suffix(path: str | os.PathLike) -> str:
+    """The file type suffix, treating ``.nii.gz`` as one suffix."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+@dataclass
+class MedicalImage:
+    """An image array with the SimpleITK image that carries its geometry.
+
+    ``array`` is ``(z, y, x)`` for volumes, ``(y, x)`` or ``(y, x, c)`` for 2D images.
+    ``spacing`` is in array axis order, in mm.
+    """
+
+    array: np.ndarray
+    reference: sitk.Image
+    path: str
+
+    @property
+    def is_volume(self) -> bool:
+        return self.reference.GetDimension() == 3 and self.reference.GetSize()[2] > 1
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return tuple(float(s) for s in reversed(self.reference.GetSpacing()))
+
+
+def _read_dicom_series(directory: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series_ids = reader.GetGDCMSeriesIDs(str(directory))
+    if not series_ids:
+        raise ValueError(f"{directory}: no DICOM series found in this folder")
+    if len(series_ids) > 1:
+        raise ValueError(f"{directory}: holds {len(series_ids)} DICOM series ({', '.join(series_ids)}); pass one series")
+    files = reader.GetGDCMSeriesFileNames(str(directory), series_ids[0])
+    sizes = {sitk.ReadImage(f).GetSize()[:2] for f in files} if len(files) > 1 else set()
+    if len(sizes) > 1:
+        raise ValueError(f"{directory}: DICOM series mixes slice sizes {sorted(sizes)}")
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def read_image(path: str | os.PathLike) -> MedicalImage:
+    """Read a volume (NIfTI, NRRD, MHA, DICOM series folder) or a 2D image (PNG, JPG, DICOM file).
+
+    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` naming the file for
+    anything unreadable, truncated or ambiguous.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    try:
+        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+    except RuntimeError as error:  # SimpleITK reports unreadable files as RuntimeError
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
+        raise ValueError(f"{path}: cannot be read as an image ({first_line})") from error
+    if image.GetDimension() > 3:
+        raise ValueError(f"{path}: {image.GetDimension()}D images are not supported (size {image.GetSize()})")
+    array = sitk.GetArrayFromImage(image)
+    if image.GetDimension() == 3 and image.GetSize()[2] == 1 and image.GetNumberOfComponentsPerPixel() == 1:
+        # A single-slice volume (common for 2D DICOM files) is a 2D image.
+        array = array[0]
+    return MedicalImage(array=array, reference=image, path=str(path))
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse to replace an existing file unless told to, before any work is done."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    if not path.parent.exists():
+        raise FileNotFoundError(f"{path.parent}: output folder does not exist")
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write_to, overwrite: bool = False) -> Path:
+    """Call ``write_to(tmp_path)`` then rename onto ``path``, so a crash never leaves half a file.
+
+    The temporary file keeps the destination's suffix because writers such as SimpleITK
+    choose the format from it.
+    """
+    path = check_output_path(path, overwrite)
+    suffix = path_suffix(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write_to(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_mask(
+    path: str | os.PathLike, mask: np.ndarray, reference: sitk.Image, overwrite: bool = False
+) -> Path:
+    """Write a label mask with exactly the reference image's size, spacing, origin and direction."""
+    expected = tuple(reversed(reference.GetSize()))
+    if reference.GetDimension() == 3 and reference.GetSize()[2] == 1 and mask.ndim == 2:
+        mask = mask[None]
+    if mask.shape != expected:
+        raise ValueError(f"mask shape {mask.shape} does not match the image's (z, y, x) shape {expected}")
+    out = sitk.GetImageFromArray(np.ascontiguousarray(mask.astype(np.uint8)))
+    out.CopyInformation(reference)
+    return atomic_write(path, lambda tmp: sitk.WriteImage(out, tmp, useCompression=True), overwrite)
