@@ -36,7 +36,12 @@ def expand_box(
         shifts = shifts * np.array([width, height, width, height], dtype=np.float32) / resolution
     x0, y0, x1, y1 = np.asarray(box, dtype=np.float32)
     return np.array(
-        [max(0.0, x0 - shifts[0]), max(0.0, y0 - shifts[1]), min(width - 1.0, x1 + shifts[2]), min(height - 1.0, y1 + shifts[3])],
+        [
+            max(0.0, x0 - shifts[0]),
+            max(0.0, y0 - shifts[1]),
+            min(width - 1.0, x1 + shifts[2]),
+            min(height - 1.0, y1 + shifts[3]),
+        ],
         dtype=np.float32,
     )
 

@@ -34,7 +34,9 @@ def window_ct(values: np.ndarray, level: float, width: float) -> np.ndarray:
     return _scale_to_uint8(values, low, high)
 
 
-def clip_percentiles(values: np.ndarray, low: float = PERCENTILE_CLIP[0], high: float = PERCENTILE_CLIP[1]) -> np.ndarray:
+def clip_percentiles(
+    values: np.ndarray, low: float = PERCENTILE_CLIP[0], high: float = PERCENTILE_CLIP[1]
+) -> np.ndarray:
     """Clip at percentiles of the non-zero voxels, scale to uint8, keep zero background at 0."""
     if not 0 <= low < high <= 100:
         raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got ({low}, {high})")

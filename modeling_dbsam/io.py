@@ -53,7 +53,9 @@ def _read_dicom_series(directory: Path) -> sitk.Image:
     if not series_ids:
         raise ValueError(f"{directory}: no DICOM series found in this folder")
     if len(series_ids) > 1:
-        raise ValueError(f"{directory}: holds {len(series_ids)} DICOM series ({', '.join(series_ids)}); pass one series")
+        raise ValueError(
+            f"{directory}: holds {len(series_ids)} DICOM series ({', '.join(series_ids)}); pass one series"
+        )
     files = reader.GetGDCMSeriesFileNames(str(directory), series_ids[0])
     sizes = {sitk.ReadImage(f).GetSize()[:2] for f in files} if len(files) > 1 else set()
     if len(sizes) > 1:
@@ -114,9 +116,7 @@ def atomic_write(path: str | os.PathLike, write_to, overwrite: bool = False) -> 
     return path
 
 
-def write_mask(
-    path: str | os.PathLike, mask: np.ndarray, reference: sitk.Image, overwrite: bool = False
-) -> Path:
+def write_mask(path: str | os.PathLike, mask: np.ndarray, reference: sitk.Image, overwrite: bool = False) -> Path:
     """Write a label mask with exactly the reference image's size, spacing, origin and direction."""
     expected = tuple(reversed(reference.GetSize()))
     if reference.GetDimension() == 3 and reference.GetSize()[2] == 1 and mask.ndim == 2:
