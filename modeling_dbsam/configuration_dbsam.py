@@ -1,0 +1,155 @@
+"""DB-SAM configuration: SAM's configuration plus the dual-branch adapter settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import SamConfig
+
+ADAPTER_INITS = ("paper", "identity")
+
+
+@strict
+class DBSamConfig(SamConfig):
+    r"""
+    Configuration of a [`DBSamModel`]: a SAM configuration (`vision_config`, `prompt_encoder_config`,
+    `mask_decoder_config`, unchanged) plus the adapter choices of DB-SAM (Qin et al., MICCAI 2024).
+
+    Fields left at `None` derive from the ViT backbone, so that any SAM size (ViT-B/L/H or a tiny test
+    model) loads without extra arguments: adapters work at the ViT width, the deformable attention uses
+    the ViT's head count, stages end at the ViT's global-attention layers and the convolution branch
+    reads the image at 4x the ViT grid (256 px for a 1024 px, patch-16 ViT).
+
+    stage_end_indexes (`list[int]`, *optional*):
+        ViT layer indexes that end a stage; a bilateral cross-attention block follows each. Defaults to
+        `vision_config.global_attn_indexes` (ViT-B: `[2, 5, 8, 11]`).
+    channel_attention_indexes (`list[int]`, *optional*):
+        ViT layer indexes followed by a channel attention block (Eq. 1). Defaults to `stage_end_indexes`
+        (the paper's figure and the authors' code); any list of layers is allowed.
+    use_channel_attention (`bool`, defaults to `True`):
+        Add the channel attention blocks to the ViT branch (paper Table 3, first column).
+    use_conv_branch (`bool`, defaults to `True`):
+        Add the convolution branch and the bilateral cross-attention blocks (Table 3, second column).
+    use_fusion (`bool`, defaults to `True`):
+        Fuse both branches with the ViT-Conv fusion block (Eq. 2) before the neck; when off the neck reads
+        the ViT stream only. Requires `use_conv_branch`.
+    se_ratio (`float`, defaults to 0.25):
+        Squeeze ratio of the channel attention block's squeeze-and-excitation (768 -> 192 -> 768 at ViT-B).
+    conv_branch_channels (`list[int]`, defaults to `[64, 128, 256, 256]`):
+        Output widths of the convolution branch's first four layers (two 3x3 stride-2 convolutions, two 1x1
+        convolutions); a last 1x1 convolution projects to the ViT width.
+    conv_input_size (`int`, *optional*):
+        Side of the image the convolution branch reads. Must be 4x the ViT grid, since two stride-2
+        convolutions bring it to the grid. Defaults to `4 * image_size // patch_size`.
+    deformable_num_heads (`int`, *optional*):
+        Heads of the deformable cross-attention. Must divide the ViT width. Defaults to the ViT's heads.
+    deformable_num_points (`int`, defaults to 4):
+        Sampling points per head of the deformable cross-attention.
+    bca_ffn_ratio (`float`, defaults to 4.0):
+        Hidden width of the cross-attention blocks' feed-forward layers as a multiple of the ViT width.
+    fusion_hidden_size (`int`, defaults to 64):
+        Squeeze width of the ViT-Conv fusion block's token-wise attention (768 -> 64 -> 768 at ViT-B).
+    adapter_dropout (`float`, defaults to 0.4):
+        Dropout inside the adapters' feed-forward layers (paper: 0.4).
+    adapter_drop_path_rate (`float`, defaults to 0.4):
+        Stochastic depth on every adapter residual branch (paper: 0.4).
+    adapter_init (`str`, defaults to `"paper"`):
+        `"paper"` initialises the adapters as their source papers do (Deformable DETR for the deformable
+        attention). `"identity"` zeroes the last projection of every residual branch and of the convolution
+        branch and biases the fusion gate towards the ViT, so that a fresh DB-SAM reproduces the SAM
+        checkpoint it was built from (within 1e-4): useful to fine-tune from MedSAM.
+    train_neck (`bool`, defaults to `True`):
+        Whether `DBSamModel.freeze_for_training` leaves SAM's neck trainable (the authors train it).
+    """
+
+    model_type = "dbsam"
+
+    stage_end_indexes: list[int] | None = None
+    channel_attention_indexes: list[int] | None = None
+    use_channel_attention: bool = True
+    use_conv_branch: bool = True
+    use_fusion: bool = True
+    se_ratio: float = 0.25
+    conv_branch_channels: list[int] | tuple[int, ...] = (64, 128, 256, 256)
+    conv_input_size: int | None = None
+    deformable_num_heads: int | None = None
+    deformable_num_points: int = 4
+    bca_ffn_ratio: float | int = 4.0
+    fusion_hidden_size: int = 64
+    adapter_dropout: float | int = 0.4
+    adapter_drop_path_rate: float | int = 0.4
+    adapter_init: str = "paper"
+    train_neck: bool = True
+
+    def __post_init__(self, **kwargs):
+        # A SAM checkpoint's config.json says model_type "sam"; in a DBSamConfig it is always "dbsam".
+        kwargs.pop("model_type", None)
+        super().__post_init__(**kwargs)
+        vision = self.vision_config
+        grid = vision.image_size // vision.patch_size
+        if self.stage_end_indexes is None:
+            self.stage_end_indexes = list(vision.global_attn_indexes)
+        if self.channel_attention_indexes is None:
+            self.channel_attention_indexes = list(self.stage_end_indexes)
+        if self.deformable_num_heads is None:
+            self.deformable_num_heads = vision.num_attention_heads
+        if self.conv_input_size is None:
+            self.conv_input_size = 4 * grid
+        self.stage_end_indexes = sorted(int(i) for i in self.stage_end_indexes)
+        self.channel_attention_indexes = sorted(int(i) for i in self.channel_attention_indexes)
+        self.conv_branch_channels = [int(c) for c in self.conv_branch_channels]
+        self.validate_adapters()
+
+    def validate_adapters(self) -> None:
+        """Raise a ValueError naming the field for any adapter setting the backbone cannot take."""
+        vision = self.vision_config
+        depth, width, grid = vision.num_hidden_layers, vision.hidden_size, vision.image_size // vision.patch_size
+        for name in ("stage_end_indexes", "channel_attention_indexes"):
+            indexes = getattr(self, name)
+            bad = [i for i in indexes if not 0 <= i < depth]
+            if bad:
+                raise ValueError(f"{name} {bad} out of range: the ViT has {depth} layers (valid 0..{depth - 1})")
+            if len(set(indexes)) != len(indexes):
+                raise ValueError(f"{name} has repeated layer indexes: {indexes}")
+        if self.use_conv_branch and not self.stage_end_indexes:
+            raise ValueError("stage_end_indexes is empty but use_conv_branch needs at least one stage end")
+        if self.use_fusion and not self.use_conv_branch:
+            raise ValueError("use_fusion=True needs use_conv_branch=True: the fusion block mixes both branches")
+        if width % self.deformable_num_heads != 0:
+            raise ValueError(f"deformable_num_heads={self.deformable_num_heads} does not divide the ViT width {width}")
+        if self.conv_input_size != 4 * grid:
+            raise ValueError(
+                f"conv_input_size={self.conv_input_size} does not give the ViT grid {grid}x{grid}: the convolution "
+                f"branch downsamples 4x, so it must be {4 * grid}"
+            )
+        if len(self.conv_branch_channels) != 4 or min(self.conv_branch_channels) < 1:
+            raise ValueError(
+                f"conv_branch_channels must be 4 positive widths (two 3x3 and two 1x1 convs), got {self.conv_branch_channels}"
+            )
+        if self.adapter_init not in ADAPTER_INITS:
+            raise ValueError(f"unknown adapter_init {self.adapter_init!r}; expected one of {ADAPTER_INITS}")
+        for name in ("adapter_dropout", "adapter_drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("se_ratio", "bca_ffn_ratio"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.deformable_num_points < 1 or self.fusion_hidden_size < 1:
+            raise ValueError("deformable_num_points and fusion_hidden_size must be positive")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> DBSamConfig:
+        """Apply adapter keyword arguments before construction, so derived defaults and validation see them.
+
+        This is what makes `DBSamModel.from_pretrained(sam_checkpoint, use_fusion=False)` work.
+        """
+        config_dict = dict(config_dict)
+        config_dict.pop("model_type", None)
+        adapter_fields = set(cls.__dataclass_fields__) - set(SamConfig.__dataclass_fields__)
+        for name in adapter_fields & set(kwargs):
+            config_dict[name] = kwargs.pop(name)
+        return super().from_dict(config_dict, **kwargs)
+
+
+__all__ = ["DBSamConfig"]

@@ -1,0 +1,449 @@
+"""DB-SAM: SAM with a dual-branch image encoder (Qin et al., MICCAI 2024).
+
+Only the image encoder changes. SAM's ViT layers stay (frozen in training) and gain, per stage,
+a channel attention block (Eq. 1) and a bilateral deformable cross-attention with a light
+convolution branch that reads the image at 256 px; a ViT-Conv fusion (Eq. 2) feeds SAM's neck.
+SAM's parameter names are unchanged, so every SAM / MedSAM checkpoint loads into `DBSamModel`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import SamModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
+from transformers.models.sam.modeling_sam import SamLayerNorm, SamVisionEncoder, SamVisionEncoderOutput
+from transformers.models.swin.modeling_swin import SwinDropPath
+from transformers.processing_utils import Unpack
+from transformers.utils.generic import TransformersKwargs, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_dbsam import DBSamConfig
+
+
+class DBSamDropPath(SwinDropPath):
+    """Stochastic depth on an adapter's residual branch (per sample)."""
+
+
+class DBSamAdapter(nn.Module):
+    """Base of every adapter module: knows how to initialise itself for `adapter_init`.
+
+    The vision encoder calls `init_adapter_weights` on each adapter after SAM's own init (which uses
+    the vision config's 1e-10 std, far too small for new weights), so adapters own their init.
+    """
+
+    def init_adapter_weights(self, adapter_init: str) -> None:
+        raise NotImplementedError
+
+
+def _init_linear(linear: nn.Linear, std: float = 0.02) -> None:
+    init.trunc_normal_(linear.weight, std=std)
+    if linear.bias is not None:
+        init.zeros_(linear.bias)
+
+
+def _init_conv(conv: nn.Conv2d) -> None:
+    init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        init.zeros_(conv.bias)
+
+
+def _zero(module: nn.Module) -> None:
+    init.zeros_(module.weight)
+    if module.bias is not None:
+        init.zeros_(module.bias)
+
+
+class DBSamChannelAttentionBlock(DBSamAdapter, GradientCheckpointingLayer):
+    """Eq. 1: `F + Conv1x1(SE(GELU(DWConv3x3(LN(F)))))` on channels-last ViT tokens."""
+
+    def __init__(self, config: DBSamConfig):
+        super().__init__()
+        width = config.vision_config.hidden_size
+        squeezed = max(1, int(round(width * config.se_ratio)))
+        self.layer_norm = SamLayerNorm(width, eps=config.vision_config.layer_norm_eps)
+        self.depthwise = nn.Conv2d(width, width, kernel_size=3, padding=1, groups=width)
+        self.activation = nn.GELU()
+        self.squeeze = nn.Conv2d(width, squeezed, kernel_size=1)
+        self.squeeze_activation = nn.SiLU()  # EfficientNetV2's SE, which the paper follows
+        self.excite = nn.Conv2d(squeezed, width, kernel_size=1)
+        self.pointwise = nn.Conv2d(width, width, kernel_size=1)
+        self.drop_path = DBSamDropPath(config.adapter_drop_path_rate)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        features = self.layer_norm(hidden_states).permute(0, 3, 1, 2)
+        features = self.activation(self.depthwise(features))
+        gate = self.excite(self.squeeze_activation(self.squeeze(features.mean(dim=(2, 3), keepdim=True))))
+        features = self.pointwise(features * torch.sigmoid(gate))
+        return hidden_states + self.drop_path(features.permute(0, 2, 3, 1))
+
+    def init_adapter_weights(self, adapter_init: str) -> None:
+        for conv in (self.depthwise, self.squeeze, self.excite, self.pointwise):
+            _init_conv(conv)
+        if adapter_init == "identity":
+            _zero(self.pointwise)
+
+
+class DBSamConvBranch(DBSamAdapter):
+    """The light-weight convolution block: two 3x3 stride-2 and three 1x1 convolutions, BN + ReLU after
+    the first four; maps the 256 px image to the ViT grid at the ViT width (channels-last)."""
+
+    def __init__(self, config: DBSamConfig):
+        super().__init__()
+        widths = [config.vision_config.num_channels, *config.conv_branch_channels]
+        kernels, strides = (3, 3, 1, 1), (2, 2, 1, 1)
+        layers: list[nn.Module] = []
+        for (c_in, c_out), kernel, stride in zip(zip(widths[:-1], widths[1:]), kernels, strides):
+            layers += [
+                nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
+        self.layers = nn.Sequential(*layers)
+        self.projection = nn.Conv2d(widths[-1], config.vision_config.hidden_size, kernel_size=1)
+
+    def forward(self, conv_pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.layers(conv_pixel_values)).permute(0, 2, 3, 1)
+
+    def init_adapter_weights(self, adapter_init: str) -> None:
+        for module in self.layers:
+            if isinstance(module, nn.Conv2d):
+                _init_conv(module)
+            elif isinstance(module, nn.BatchNorm2d):
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+        _init_conv(self.projection)
+        if adapter_init == "identity":
+            # The shallow stream starts at zero, so the fusion output is a scaled ViT stream that SAM's
+            # neck LayerNorm maps back to SAM's embedding; training grows it from there.
+            _zero(self.projection)
+
+
+class DBSamDeformableAttention(DBSamAdapter):
+    """Single-level deformable attention (Deformable DETR) over a `grid x grid` value map.
+
+    Queries sample `num_points` locations per head around their own pixel centre; offsets are in
+    value-map pixels. Sampling runs in fp32 even under autocast, because bf16 locations are too
+    coarse to address a 64x64 map.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_points: int):
+        super().__init__()
+        self.num_heads, self.num_points = num_heads, num_points
+        self.sampling_offsets = nn.Linear(hidden_size, num_heads * num_points * 2)
+        self.attention_weights = nn.Linear(hidden_size, num_heads * num_points)
+        self.value_proj = nn.Linear(hidden_size, hidden_size)
+        self.output_proj = nn.Linear(hidden_size, hidden_size)
+        self.sampler = MultiScaleDeformableAttention()
+
+    def forward(self, query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """`query` and `value` are channels-last maps `(batch, height, width, hidden)` of the same grid."""
+        batch, height, width, hidden = query.shape
+        num_queries = height * width
+        query, value = query.reshape(batch, num_queries, hidden), value.reshape(batch, num_queries, hidden)
+        with torch.autocast(query.device.type, enabled=False):
+            query, value = query.float(), value.float()
+            value = self.value_proj(value).view(batch, num_queries, self.num_heads, hidden // self.num_heads)
+            offsets = self.sampling_offsets(query).view(batch, num_queries, self.num_heads, 1, self.num_points, 2)
+            weights = self.attention_weights(query).view(batch, num_queries, self.num_heads, self.num_points)
+            weights = weights.softmax(-1).view(batch, num_queries, self.num_heads, 1, self.num_points)
+            reference = self._reference_points(height, width, query.device)
+            normalizer = torch.tensor([width, height], dtype=torch.float32, device=query.device)
+            locations = reference[None, :, None, None, None, :] + offsets / normalizer
+            shapes = torch.tensor([[height, width]], device=query.device)
+            output = self.sampler(
+                value, shapes, [(height, width)], shapes.new_zeros(1), locations, weights, im2col_step=64
+            )
+            output = self.output_proj(output)
+        return output.view(batch, height, width, hidden)
+
+    @staticmethod
+    def _reference_points(height: int, width: int, device: torch.device) -> torch.Tensor:
+        """Normalised (x, y) pixel centres of the query grid, row-major."""
+        ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+        xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
+
+    def init_adapter_weights(self, adapter_init: str) -> None:
+        # Deformable DETR: zero offset weights, offset biases on a ring of directions, growing per point.
+        init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        directions = torch.stack([angles.cos(), angles.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True)[0]
+        scales = torch.arange(1, self.num_points + 1, dtype=torch.float32)[None, :, None]
+        init.copy_(self.sampling_offsets.bias, (directions[:, None, :] * scales).flatten())
+        init.zeros_(self.attention_weights.weight)
+        init.zeros_(self.attention_weights.bias)
+        for linear in (self.value_proj, self.output_proj):
+            init.xavier_uniform_(linear.weight)
+            init.zeros_(linear.bias)
+        if adapter_init == "identity":
+            _zero(self.output_proj)
+
+
+class DBSamFeedForward(DBSamAdapter):
+    """Linear - GELU - Dropout - Linear - Dropout."""
+
+    def __init__(self, hidden_size: int, ratio: float, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, int(hidden_size * ratio))
+        self.activation = nn.GELU()
+        self.fc2 = nn.Linear(int(hidden_size * ratio), hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.activation(self.fc1(hidden_states)))
+        return self.dropout(self.fc2(hidden_states))
+
+    def init_adapter_weights(self, adapter_init: str) -> None:
+        _init_linear(self.fc1)
+        _init_linear(self.fc2)
+        if adapter_init == "identity":
+            _zero(self.fc2)
+
+
+class DBSamCrossAttentionHalf(nn.Module):
+    """One direction of the bilateral cross-attention: `x + DropPath(DeformAttn(LN(x), LN(other)))`,
+    then `+ DropPath(FFN(LN(.)))`."""
+
+    def __init__(self, config: DBSamConfig):
+        super().__init__()
+        width, eps = config.vision_config.hidden_size, config.vision_config.layer_norm_eps
+        self.query_norm = nn.LayerNorm(width, eps=eps)
+        self.value_norm = nn.LayerNorm(width, eps=eps)
+        self.attention = DBSamDeformableAttention(width, config.deformable_num_heads, config.deformable_num_points)
+        self.ffn_norm = nn.LayerNorm(width, eps=eps)
+        self.ffn = DBSamFeedForward(width, config.bca_ffn_ratio, config.adapter_dropout)
+        self.drop_path = DBSamDropPath(config.adapter_drop_path_rate)
+
+    def forward(self, hidden_states: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        attended = self.attention(self.query_norm(hidden_states), self.value_norm(other))
+        hidden_states = hidden_states + self.drop_path(attended.to(hidden_states.dtype))
+        return hidden_states + self.drop_path(self.ffn(self.ffn_norm(hidden_states)))
+
+
+class DBSamBilateralCrossAttention(GradientCheckpointingLayer):
+    """Fig. 1(c): the ViT stream attends to the conv stream and vice versa, both from the same inputs.
+
+    Without a later reader of the conv stream (the last stage when fusion is off) its update is not
+    built: it would cost compute and leave parameters without gradients, which DDP rejects.
+    """
+
+    def __init__(self, config: DBSamConfig, update_shallow: bool = True):
+        super().__init__()
+        self.vit_from_conv = DBSamCrossAttentionHalf(config)
+        self.conv_from_vit = DBSamCrossAttentionHalf(config) if update_shallow else None
+
+    def forward(self, deep: torch.Tensor, shallow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new_deep = self.vit_from_conv(deep, shallow)
+        return new_deep, shallow if self.conv_from_vit is None else self.conv_from_vit(shallow, deep)
+
+
+class DBSamFusion(DBSamAdapter):
+    """Eq. 2: token-wise gate `M = sigmoid(A_d + A_s)`, output `F_d * M + F_s * (1 - M)`."""
+
+    IDENTITY_GATE_BIAS = 4.0  # sigmoid(4) = 0.98: the ViT stream dominates as the shallow stream grows
+
+    def __init__(self, config: DBSamConfig):
+        super().__init__()
+        width, squeezed = config.vision_config.hidden_size, config.fusion_hidden_size
+        self.deep_gate = nn.Sequential(nn.Linear(width, squeezed), nn.GELU(), nn.Linear(squeezed, width))
+        self.shallow_gate = nn.Sequential(nn.Linear(width, squeezed), nn.GELU(), nn.Linear(squeezed, width))
+
+    def forward(self, deep: torch.Tensor, shallow: torch.Tensor) -> torch.Tensor:
+        mask = torch.sigmoid(self.deep_gate(deep) + self.shallow_gate(shallow))
+        return deep * mask + shallow * (1 - mask)
+
+    def init_adapter_weights(self, adapter_init: str) -> None:
+        for gate in (self.deep_gate, self.shallow_gate):
+            _init_linear(gate[0])
+            _init_linear(gate[2])
+        if adapter_init == "identity":
+            _zero(self.deep_gate[2])
+            _zero(self.shallow_gate[2])
+            init.constant_(self.deep_gate[2].bias, self.IDENTITY_GATE_BIAS)
+
+
+class DBSamVisionEncoder(SamVisionEncoder):
+    """SAM's ViT with DB-SAM's adapters; the forward loop is the only SAM code that changes.
+
+    Adapter modules are keyed by the ViT layer they follow (`channel_attention.2`,
+    `cross_attention.2`, ...), so their parameter names say where they sit.
+    """
+
+    def __init__(self, config: DBSamConfig):
+        super().__init__(config.vision_config)
+        self.adapter_config = config
+        self.channel_attention = nn.ModuleDict()
+        if config.use_channel_attention:
+            for index in config.channel_attention_indexes:
+                self.channel_attention[str(index)] = DBSamChannelAttentionBlock(config)
+        self.conv_branch = DBSamConvBranch(config) if config.use_conv_branch else None
+        self.cross_attention = nn.ModuleDict()
+        if config.use_conv_branch:
+            last = config.stage_end_indexes[-1]
+            for index in config.stage_end_indexes:
+                update_shallow = config.use_fusion or index != last
+                self.cross_attention[str(index)] = DBSamBilateralCrossAttention(config, update_shallow)
+        self.fusion = DBSamFusion(config) if config.use_fusion else None
+        self.post_init()
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # Adapters are containers initialised through `transformers.initialization`, which skips loaded
+        # tensors, so they must not be skipped as "custom code without direct parameters".
+        super()._initialize_weights(module, is_custom_code=False)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, DBSamAdapter):
+            module.init_adapter_weights(self.adapter_config.adapter_init)
+        else:
+            super()._init_weights(module)
+
+    def check_pixel_values(self, pixel_values: torch.Tensor, conv_pixel_values: torch.Tensor | None) -> None:
+        """Shape errors name the expected and actual shapes before any convolution runs."""
+        config = self.config
+        size = config.image_size
+        expected = f"(batch, {config.num_channels}, {size}, {size})"
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (config.num_channels, size, size):
+            raise ValueError(f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}")
+        if conv_pixel_values is None:
+            return
+        if self.conv_branch is None:
+            raise ValueError("conv_pixel_values was given but this model has no convolution branch")
+        conv_size = self.adapter_config.conv_input_size
+        conv_expected = (pixel_values.shape[0], config.num_channels, conv_size, conv_size)
+        if tuple(conv_pixel_values.shape) != conv_expected:
+            raise ValueError(
+                f"conv_pixel_values must have shape {conv_expected}, got {tuple(conv_pixel_values.shape)}"
+            )
+
+    def conv_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`I_conv`: the normalised image at `conv_input_size`, bilinear with antialiasing."""
+        size = self.adapter_config.conv_input_size
+        return F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        conv_pixel_values: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SamVisionEncoderOutput:
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        self.check_pixel_values(pixel_values, conv_pixel_values)
+        deep = self.patch_embed(pixel_values)
+        if self.pos_embed is not None:
+            deep = deep + self.pos_embed
+        shallow = None
+        if self.conv_branch is not None:
+            conv_pixel_values = self.conv_input(pixel_values) if conv_pixel_values is None else conv_pixel_values
+            shallow = self.conv_branch(conv_pixel_values.to(deep.dtype))
+        for index, layer in enumerate(self.layers):
+            deep = layer(deep)
+            key = str(index)
+            if key in self.channel_attention:
+                deep = self.channel_attention[key](deep)
+            if key in self.cross_attention:
+                deep, shallow = self.cross_attention[key](deep, shallow)
+        if self.fusion is not None:
+            deep = self.fusion(deep, shallow)
+        return SamVisionEncoderOutput(last_hidden_state=self.neck(deep))
+
+
+class DBSamModel(SamModel):
+    """SAM with DB-SAM's dual-branch image encoder; prompt encoder and mask decoder unchanged.
+
+    Example:
+
+    ```python
+    >>> import modeling_dbsam
+    >>> from modeling_dbsam import DBSamConfig, DBSamModel
+    >>> model = DBSamModel(DBSamConfig())  # ViT-B sized, random weights
+    >>> trainable = model.freeze_for_training()
+    ```
+    """
+
+    config_class = DBSamConfig
+    config: DBSamConfig
+
+    def __init__(self, config: DBSamConfig):
+        super().__init__(config)
+        self.vision_encoder = DBSamVisionEncoder(config)
+        self.post_init()
+
+    def adapter_parameter_names(self) -> list[str]:
+        """Names of the parameters DB-SAM adds to SAM (all inside the vision encoder)."""
+        adapters = ("channel_attention.", "conv_branch.", "cross_attention.", "fusion.")
+        return [
+            name
+            for name, _ in self.named_parameters()
+            if name.startswith(tuple(f"vision_encoder.{a}" for a in adapters))
+        ]
+
+    def trainable_parameter_names(self) -> list[str]:
+        """The paper's trainable set: adapters, the mask decoder and (if `train_neck`) SAM's neck.
+
+        The decoder's IoU head stays frozen: the paper's loss (BCE + Dice on the masks) never reaches it,
+        and a trainable parameter without a gradient would force DDP's `find_unused_parameters`.
+        """
+        prefixes = ["mask_decoder."] + (["vision_encoder.neck."] if self.config.train_neck else [])
+        names = set(self.adapter_parameter_names())
+        for name, _ in self.named_parameters():
+            if name.startswith(tuple(prefixes)) and not name.startswith("mask_decoder.iou_prediction_head."):
+                names.add(name)
+        return sorted(names)
+
+    def freeze_for_training(self) -> int:
+        """Freeze the ViT, patch/position embeddings and the prompt encoder; return the trainable parameter count.
+
+        Every parameter left trainable receives a gradient from a box-prompted forward pass, so DDP needs no
+        `find_unused_parameters`.
+        """
+        trainable = set(self.trainable_parameter_names())
+        count = 0
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(name in trainable)
+            count += parameter.numel() if name in trainable else 0
+        return count
+
+    @torch.no_grad()
+    def get_image_embeddings(
+        self, pixel_values: torch.Tensor, conv_pixel_values: torch.Tensor | None = None, **kwargs
+    ):
+        """Image embeddings from the dual-branch encoder (`conv_pixel_values` optional, derived otherwise)."""
+        return self.vision_encoder(pixel_values, conv_pixel_values=conv_pixel_values, **kwargs)[0]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        conv_pixel_values: torch.Tensor | None = None,
+        input_boxes: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """SamModel's forward; `conv_pixel_values` optionally gives the convolution branch its own 256 px input."""
+        if input_boxes is not None:
+            if input_boxes.ndim != 3 or input_boxes.shape[-1] != 4:
+                raise ValueError(
+                    f"input_boxes must have shape (batch, boxes_per_image, 4), got {tuple(input_boxes.shape)}"
+                )
+            if input_boxes.dtype == torch.float64:  # SamProcessor returns float64
+                input_boxes = input_boxes.float()
+        if pixel_values is not None:
+            self.vision_encoder.check_pixel_values(pixel_values, conv_pixel_values)
+            if conv_pixel_values is not None:
+                kwargs["image_embeddings"] = self.vision_encoder(pixel_values, conv_pixel_values=conv_pixel_values)[0]
+                pixel_values = None
+        elif conv_pixel_values is not None:
+            raise ValueError("conv_pixel_values needs pixel_values")
+        return super().forward(pixel_values=pixel_values, input_boxes=input_boxes, **kwargs)
+
+
+__all__ = ["DBSamModel", "DBSamVisionEncoder"]
