@@ -1,0 +1,100 @@
+"""``dbsam evaluate``: DSC and NSD of a model on a dataset split, in the layout of the paper's Tables 1 and 2."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "evaluate"
+HELP = "Score a model on a dataset split (DSC, NSD per task; paper or physical protocol) and write a report."
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder (save_pretrained output, with its processor)")
+    parser.add_argument("--data", required=True, help="dataset folder written by DatasetDict.save_to_disk")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument(
+        "--protocol",
+        choices=("paper", "physical"),
+        default="paper",
+        help="paper: 256x256 grid, unit spacing, tolerance 1 (the authors' code); "
+        "physical: each image's own resolution and real spacing, tolerance in mm",
+    )
+    parser.add_argument("--tolerance", type=float, help="NSD tolerance in mm for --protocol physical (default 1)")
+    parser.add_argument("--output", required=True, help="report folder; a rerun with the same folder resumes")
+    parser.add_argument(
+        "--baseline", nargs="+", default=[], metavar="RESULTS_JSON", help="earlier results.json to compare"
+    )
+    parser.add_argument("--name", help="model name in the report (default: the model folder's name)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype for the model")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per encoder batch (default 8)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished or different report in --output")
+
+
+def _load_split(data: Path, split: str):
+    import datasets
+
+    if not data.exists():
+        raise FileNotFoundError(f"{data}: no such dataset folder")
+    try:
+        loaded = datasets.load_from_disk(str(data))
+    except FileNotFoundError as error:
+        raise ValueError(f"{data}: not a folder written by save_to_disk ({error})") from error
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise ValueError(f"{data}: holds a single Dataset; save a DatasetDict with named splits (e.g. 'test')")
+    if split not in loaded:
+        raise ValueError(f"{data}: has no split {split!r} (splits: {', '.join(loaded)})")
+    return loaded[split]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForMaskGeneration
+
+    from modeling_dbsam.evaluation import evaluate_model, get_protocol, load_baseline, model_fingerprint
+    from modeling_dbsam.processing import load_processor
+
+    protocol = get_protocol(args.protocol, args.tolerance)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model_dir, data_dir = Path(args.model).resolve(), Path(args.data).resolve()
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir}: no config.json; pass a folder written by save_pretrained")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    autocast_dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    if device.type == "cpu" and autocast_dtype == torch.float16:
+        raise ValueError("--dtype float16 needs a GPU; use bfloat16 or float32 on CPU")
+
+    baselines = [load_baseline(path, protocol) for path in args.baseline]
+    dataset = _load_split(data_dir, args.split)
+
+    def load_model():
+        model = AutoModelForMaskGeneration.from_pretrained(str(model_dir)).to(device).eval()
+        return model, load_processor(model_dir)
+
+    results = evaluate_model(
+        load_model,
+        dataset,
+        protocol,
+        args.output,
+        model_info={
+            "name": args.name or model_dir.name,
+            "path": str(model_dir),
+            "fingerprint": model_fingerprint(model_dir),
+        },
+        data_info={"path": str(data_dir), "split": args.split, "fingerprint": getattr(dataset, "_fingerprint", None)},
+        baselines=baselines,
+        batch_size=args.batch_size,
+        autocast_dtype=autocast_dtype,
+        overwrite=args.overwrite,
+    )
+    for dimension, average in results["averages"].items():
+        print(
+            f"{dimension} average over {average['tasks']} tasks: "
+            f"DSC {100 * average['dsc']:.2f}%  NSD {100 * average['nsd']:.2f}%"
+        )
+    print(f"report: {Path(args.output) / 'results.md'}")
+    return 0
