@@ -147,26 +147,28 @@ class DBSamDeformableAttention(DBSamAdapter):
         num_queries = height * width
         query, value = query.reshape(batch, num_queries, hidden), value.reshape(batch, num_queries, hidden)
         with torch.autocast(query.device.type, enabled=False):
-            query, value = query.float(), value.float()
+            dtype = self.value_proj.weight.dtype
+            sample_dtype = torch.promote_types(dtype, torch.float32)  # fp32 locations, or fp64 for a fp64 model
+            query, value = query.to(dtype), value.to(dtype)
             value = self.value_proj(value).view(batch, num_queries, self.num_heads, hidden // self.num_heads)
             offsets = self.sampling_offsets(query).view(batch, num_queries, self.num_heads, 1, self.num_points, 2)
             weights = self.attention_weights(query).view(batch, num_queries, self.num_heads, self.num_points)
-            weights = weights.softmax(-1).view(batch, num_queries, self.num_heads, 1, self.num_points)
-            reference = self._reference_points(height, width, query.device)
-            normalizer = torch.tensor([width, height], dtype=torch.float32, device=query.device)
-            locations = reference[None, :, None, None, None, :] + offsets / normalizer
+            weights = weights.to(sample_dtype).softmax(-1).view(batch, num_queries, self.num_heads, 1, self.num_points)
+            reference = self._reference_points(height, width, query.device, sample_dtype)
+            normalizer = torch.tensor([width, height], dtype=sample_dtype, device=query.device)
+            locations = reference[None, :, None, None, None, :] + offsets.to(sample_dtype) / normalizer
             shapes = torch.tensor([[height, width]], device=query.device)
             output = self.sampler(
-                value, shapes, [(height, width)], shapes.new_zeros(1), locations, weights, im2col_step=64
+                value.to(sample_dtype), shapes, [(height, width)], shapes.new_zeros(1), locations, weights, 64
             )
-            output = self.output_proj(output)
+            output = self.output_proj(output.to(dtype))
         return output.view(batch, height, width, hidden)
 
     @staticmethod
-    def _reference_points(height: int, width: int, device: torch.device) -> torch.Tensor:
+    def _reference_points(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Normalised (x, y) pixel centres of the query grid, row-major."""
-        ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
-        xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+        ys = (torch.arange(height, device=device, dtype=dtype) + 0.5) / height
+        xs = (torch.arange(width, device=device, dtype=dtype) + 0.5) / width
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
 
@@ -326,7 +328,9 @@ class DBSamVisionEncoder(SamVisionEncoder):
     def conv_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`I_conv`: the normalised image at `conv_input_size`, bilinear with antialiasing."""
         size = self.adapter_config.conv_input_size
-        return F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        dtype = torch.promote_types(pixel_values.dtype, torch.float32)  # antialiasing has no bf16 CPU kernel
+        resized = F.interpolate(pixel_values.to(dtype), size=(size, size), mode="bilinear", antialias=True)
+        return resized.to(pixel_values.dtype)
 
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
@@ -434,8 +438,8 @@ class DBSamModel(SamModel):
                 raise ValueError(
                     f"input_boxes must have shape (batch, boxes_per_image, 4), got {tuple(input_boxes.shape)}"
                 )
-            if input_boxes.dtype == torch.float64:  # SamProcessor returns float64
-                input_boxes = input_boxes.float()
+            # SamProcessor returns float64 boxes; the prompt encoder computes in the model's dtype.
+            input_boxes = input_boxes.to(self.shared_image_embedding.positional_embedding.dtype)
         if pixel_values is not None:
             self.vision_encoder.check_pixel_values(pixel_values, conv_pixel_values)
             if conv_pixel_values is not None:

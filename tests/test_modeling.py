@@ -340,3 +340,17 @@ def test_channel_attention_is_eq1_residual():
         block.pointwise.weight.zero_()
         block.pointwise.bias.zero_()
         assert torch.equal(block(hidden), hidden)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_model_runs_in_float64_and_bfloat16_weights(dtype):
+    torch.manual_seed(0)
+    model = tiny_dbsam().eval()
+    batch = inputs()
+    with torch.no_grad():
+        reference = model(**batch).pred_masks
+        model = model.to(dtype)
+        output = model(**{**batch, "pixel_values": batch["pixel_values"].to(dtype)}).pred_masks
+    assert output.dtype == dtype
+    tolerance = 1e-9 if dtype == torch.float64 else 0.1 * reference.abs().max().item() + 0.05
+    assert (output.float() - reference).abs().max() < max(tolerance, 1e-5)
