@@ -109,11 +109,18 @@ def atomic_write(path: str | os.PathLike, write_to, overwrite: bool = False) -> 
     os.close(fd)
     try:
         write_to(tmp)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray, reference: sitk.Image, overwrite: bool = False) -> Path:

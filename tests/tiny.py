@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import SamConfig, SamProcessor
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+from modeling_dbsam import DBSamConfig, DBSamModel
+from modeling_dbsam.processing import set_intensity_config
 
 TINY_IMAGE_SIZE = 32
 TINY_MASK_SIZE = 64  # low-res mask side: 4x the ViT grid (32 / 2 = 16), as 256 = 4 x 64 at full size
@@ -53,3 +57,37 @@ def tiny_processor() -> SamProcessor:
         mask_pad_size={"height": TINY_MASK_SIZE, "width": TINY_MASK_SIZE},
     )
     return SamProcessor(image_processor=image_processor)
+
+
+def scrambled_tiny_dbsam(seed: int = 0) -> DBSamModel:
+    """A tiny DB-SAM with fan-in-scaled random weights: fresh SAM weights give constant masks, useless for parity."""
+    model = DBSamModel(DBSamConfig(**tiny_sam_config_dict())).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim > 1:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter[0].numel() ** 0.5)
+            elif "norm" not in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+def save_tiny_dbsam(folder, modality: str | None = None, window=None) -> str:
+    processor = tiny_processor()
+    if modality is not None:
+        set_intensity_config(processor, modality, window)
+    scrambled_tiny_dbsam().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def count_encoder_calls(model, monkeypatch) -> list[int]:
+    calls = []
+    original = model.get_image_embeddings
+
+    def counted(pixel_values, *args, **kwargs):
+        calls.append(len(pixel_values))
+        return original(pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(model, "get_image_embeddings", counted)
+    return calls
