@@ -6,6 +6,8 @@ Dataset import, the processor saved with each checkpoint and volume inference al
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 DEFAULT_CT_WINDOW = (40.0, 400.0)
@@ -26,27 +28,79 @@ PERCENTILE_CLIP = (0.5, 99.5)
 """Non-CT modalities are clipped at these percentiles of the non-zero voxels."""
 
 
-def window_ct(values: np.ndarray, level: float, width: float) -> np.ndarray:
+@dataclass(frozen=True)
+class IntensityRule:
+    """A rule fitted on a whole volume and applied to any part of it, so that slice-by-slice import
+    keeps MedSAM's volume-level percentiles without holding a converted copy of the volume.
+
+    ``low`` and ``high`` of ``None`` mean pass-through (the input is already uint8).
+    """
+
+    low: float | None
+    high: float | None
+    keep_zero: bool = False
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values)
+        if self.low is None:
+            return values
+        scaled = _scale_to_uint8(values, self.low, self.high)
+        if self.keep_zero:
+            scaled[values == 0] = 0
+        return scaled
+
+
+def ct_window_rule(level: float, width: float) -> IntensityRule:
     """Clip HU values to ``level +/- width/2`` and scale linearly to uint8 [0, 255]."""
     if width <= 0:
         raise ValueError(f"CT window width must be positive, got {width}")
-    low, high = level - width / 2.0, level + width / 2.0
-    return _scale_to_uint8(values, low, high)
+    return IntensityRule(level - width / 2.0, level + width / 2.0)
+
+
+def percentile_rule(
+    values: np.ndarray, low: float = PERCENTILE_CLIP[0], high: float = PERCENTILE_CLIP[1]
+) -> IntensityRule:
+    """Clip at percentiles of the non-zero voxels of ``values``, scale to uint8, keep zero background at 0."""
+    if not 0 <= low < high <= 100:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got ({low}, {high})")
+    nonzero = values[values != 0]
+    if nonzero.size == 0:
+        return IntensityRule(0.0, 0.0, keep_zero=True)
+    lo, hi = np.percentile(nonzero, [low, high])
+    return IntensityRule(float(lo), float(hi), keep_zero=True)
+
+
+def window_ct(values: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Clip HU values to ``level +/- width/2`` and scale linearly to uint8 [0, 255]."""
+    return ct_window_rule(level, width)(values)
 
 
 def clip_percentiles(
     values: np.ndarray, low: float = PERCENTILE_CLIP[0], high: float = PERCENTILE_CLIP[1]
 ) -> np.ndarray:
     """Clip at percentiles of the non-zero voxels, scale to uint8, keep zero background at 0."""
-    if not 0 <= low < high <= 100:
-        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got ({low}, {high})")
-    nonzero = values[values != 0]
-    if nonzero.size == 0:
-        return np.zeros(values.shape, dtype=np.uint8)
-    lo, hi = np.percentile(nonzero, [low, high])
-    scaled = _scale_to_uint8(values, float(lo), float(hi))
-    scaled[values == 0] = 0
-    return scaled
+    return percentile_rule(values, low, high)(values)
+
+
+def fit_intensity_rule(
+    values: np.ndarray, modality: str, window: tuple[float, float] | str | None = None
+) -> IntensityRule:
+    """The rule for ``modality`` fitted on ``values`` (a whole volume): a CT window (a (level, width) pair
+    or a preset name) or percentile clipping; uint8 input passes through unchanged.
+    """
+    values = np.asarray(values)
+    if values.dtype == np.uint8:
+        return IntensityRule(None, None)
+    if modality.upper() == "CT":
+        if isinstance(window, str):
+            if window not in CT_WINDOW_PRESETS:
+                raise ValueError(f"unknown CT window preset {window!r}; known: {sorted(CT_WINDOW_PRESETS)}")
+            window = CT_WINDOW_PRESETS[window]
+        level, width = window if window is not None else DEFAULT_CT_WINDOW
+        return ct_window_rule(level, width)
+    if window is not None:
+        raise ValueError(f"a CT window was given for modality {modality!r}; windows apply to CT only")
+    return percentile_rule(values)
 
 
 def to_uint8(values: np.ndarray, modality: str, window: tuple[float, float] | str | None = None) -> np.ndarray:
@@ -54,19 +108,7 @@ def to_uint8(values: np.ndarray, modality: str, window: tuple[float, float] | st
 
     uint8 input is returned unchanged (already displayable, e.g. 2D photographs).
     """
-    values = np.asarray(values)
-    if values.dtype == np.uint8:
-        return values
-    if modality.upper() == "CT":
-        if isinstance(window, str):
-            if window not in CT_WINDOW_PRESETS:
-                raise ValueError(f"unknown CT window preset {window!r}; known: {sorted(CT_WINDOW_PRESETS)}")
-            window = CT_WINDOW_PRESETS[window]
-        level, width = window if window is not None else DEFAULT_CT_WINDOW
-        return window_ct(values, level, width)
-    if window is not None:
-        raise ValueError(f"a CT window was given for modality {modality!r}; windows apply to CT only")
-    return clip_percentiles(values)
+    return fit_intensity_rule(values, modality, window)(values)
 
 
 def _scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
