@@ -25,10 +25,15 @@ from transformers import SamConfig, SamModel
 from modeling_dbsam import DBSamConfig, DBSamModel
 
 
-def build_models(device: str) -> tuple[SamModel, DBSamModel]:
+def vit_b_config(image_size: int) -> dict:
+    """SAM ViT-B at ``image_size`` (1024 is SAM's own; smaller sizes keep slow CPU dtypes affordable)."""
+    return {"vision_config": {"image_size": image_size}, "prompt_encoder_config": {"image_size": image_size}}
+
+
+def build_models(device: str, image_size: int) -> tuple[SamModel, DBSamModel]:
     torch.manual_seed(0)
-    sam = SamModel(SamConfig()).to(device).eval()  # ViT-B, random weights
-    dbsam = DBSamModel(DBSamConfig()).to(device).eval()
+    sam = SamModel(SamConfig(**vit_b_config(image_size))).to(device).eval()  # random weights
+    dbsam = DBSamModel(DBSamConfig(**vit_b_config(image_size))).to(device).eval()
     return sam, dbsam
 
 
@@ -37,9 +42,9 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_encoders(device: str, dtype: torch.dtype | None, batch: int, repeats: int) -> dict:
-    sam, dbsam = build_models(device)
-    pixel_values = torch.randn(batch, 3, 1024, 1024, device=device)
+def time_encoders(device: str, dtype: torch.dtype | None, batch: int, repeats: int, image_size: int) -> dict:
+    sam, dbsam = build_models(device, image_size)
+    pixel_values = torch.randn(batch, 3, image_size, image_size, device=device)
     times: dict[str, list[float]] = {"sam": [], "dbsam": []}
     with torch.inference_mode(), torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
         for model in (sam, dbsam):  # warm-up
@@ -105,6 +110,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="training steps per variant")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--image-size", type=int, default=1024, help="encoder timing only; training uses 1024")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--child-train-step", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
@@ -115,10 +122,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     dtypes = {"fp32": None, "bf16": torch.bfloat16}
     for batch in args.batch_sizes:
-        for label, dtype in dtypes.items():
-            summary = time_encoders(args.device, dtype, batch, args.repeats)
+        for label in args.dtypes:
+            summary = time_encoders(args.device, dtypes[label], batch, args.repeats, args.image_size)
             print(
-                f"encoder batch {batch} {label}: SAM min {summary['sam']['min']:.3f}s median "
+                f"encoder {args.image_size}px batch {batch} {label}: SAM min {summary['sam']['min']:.3f}s median "
                 f"{summary['sam']['median']:.3f}s | DB-SAM min {summary['dbsam']['min']:.3f}s median "
                 f"{summary['dbsam']['median']:.3f}s | ratio min {summary['ratio_min']:.3f} "
                 f"median {summary['ratio_median']:.3f}",

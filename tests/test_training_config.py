@@ -1,0 +1,144 @@
+"""The training configuration: YAML + command line into typed dataclasses, every mistake caught before work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from checkpointing import TrainerState
+from run_config import CONFIG_FILE_NAME, ConfigError, parse_config
+from tiny import tiny_sam_config_dict
+from training_support import TRAINING_DIR, make_dataset, write_tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "tiny-arrow", num_train=2, num_test=2)
+
+
+@pytest.fixture
+def base(tmp_path, data_dir) -> dict:
+    model_config = write_tiny_model_config(tmp_path / "model.json")
+    return {"model_config": str(model_config), "data": str(data_dir), "output_dir": str(tmp_path / "out")}
+
+
+def write_yaml(tmp_path: Path, values: dict) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_yaml_values_are_typed_and_the_command_line_overrides_them(tmp_path, base):
+    path = write_yaml(tmp_path, {**base, "learning_rate": "3e-4", "max_steps": 7, "bf16": True, "use_fusion": False})
+    config = parse_config(["--config", path, "--max_steps", "9", "--seed", "5", "--bf16", "false"])
+    assert config.training.learning_rate == pytest.approx(3e-4)  # YAML 1.1 reads 3e-4 as a string
+    assert isinstance(config.training.learning_rate, float)
+    assert (config.training.max_steps, config.training.seed, config.training.bf16) == (9, 5, False)
+    assert config.model.config_overrides() == {"use_fusion": False}
+    assert config.data.max_box_shift == 20  # the paper's default where neither sets it
+
+
+def test_paper_recipe_matches_the_paper(tmp_path, data_dir):
+    values = yaml.safe_load((TRAINING_DIR / "configs" / "paper.yaml").read_text())
+    assert values["learning_rate"] == pytest.approx(1e-4) and values["weight_decay"] == pytest.approx(0.01)
+    assert values["num_train_epochs"] == 12 and values["max_box_shift"] == 20
+    assert values["adapter_dropout"] == values["adapter_drop_path_rate"] == pytest.approx(0.4)
+    assert values["bf16"] or values.get("fp16")
+    config = parse_config(
+        ["--config", str(TRAINING_DIR / "configs" / "paper.yaml"), "--data", str(data_dir)]
+        + ["--output_dir", str(tmp_path / "out")]
+    )
+    assert config.model.model == "facebook/sam-vit-base"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"learning_rat": 1e-4}, "unknown option 'learning_rat' (did you mean 'learning_rate'?)"),
+        ({"max_steps": "ten"}, "max_steps must be int, got 'ten'"),
+        ({"bf16": "yes"}, "bf16 must be bool"),
+        ({"eval_strategy": "sometimes"}, "eval_strategy must be one of 'no', 'steps', 'epoch'"),
+        ({"data": "/no/such/folder"}, "data /no/such/folder: no such folder"),
+        ({"data": None}, "data is required"),
+        ({"train_split": "validation"}, "train_split 'validation' not in"),
+        ({"model": "facebook/sam-vit-base"}, "exactly one of model and model_config"),
+        ({"bf16": True, "fp16": True}, "choose one of bf16 and fp16"),
+        ({"eval_strategy": "steps"}, "eval_strategy steps needs eval_steps"),
+        ({"eval_strategy": "no", "metric_for_best_model": "dsc"}, "metric_for_best_model needs evaluation"),
+        ({"resume_from_checkpoint": "latest"}, "resume_from_checkpoint latest: no complete checkpoint in"),
+        ({"lr_end": 1.0}, "lr_end must be in [0, learning_rate)"),
+        ({"report_to": "tensorbored"}, "report_to must be one of"),
+    ],
+)
+def test_config_errors_name_the_problem(tmp_path, base, change, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(["--config", write_yaml(tmp_path, {**base, **change})])
+    assert message in str(error.value)
+
+
+def test_a_wrong_command_line_type_or_unknown_option_stops_argparse(tmp_path, base, capsys):
+    path = write_yaml(tmp_path, base)
+    with pytest.raises(SystemExit):
+        parse_config(["--config", path, "--max_steps", "ten"])
+    assert "invalid int value: 'ten'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--bogus"):
+        parse_config(["--config", path, "--bogus", "1"])
+
+
+def test_train_py_reports_config_errors_in_one_line_before_any_work(tmp_path, base, capsys):
+    import train
+
+    path = write_yaml(tmp_path, {**base, "max_steps": "ten"})
+    assert train.main(["--config", path]) == 2
+    # Found only once the eval split is read (it holds 3D tasks alone), still before output_dir is touched.
+    path = write_yaml(tmp_path, {**base, "metric_for_best_model": "dsc_2d", "report_to": "none"})
+    assert train.main(["--config", path]) == 2
+    assert "metric_for_best_model 'dsc_2d' cannot be computed on eval_split 'test'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_output_dir_is_refused_unless_resumed_with_the_same_config_or_overwritten(tmp_path, base):
+    output = Path(base["output_dir"])
+    output.mkdir()
+    (output / "notes.txt").write_text("a user's file")
+    path = write_yaml(tmp_path, base)
+    with pytest.raises(ConfigError, match="already holds files"):
+        parse_config(["--config", path])
+    assert parse_config(["--config", path, "--overwrite_output_dir"]).training.overwrite_output_dir
+
+    # A run of this configuration with a checkpoint: resumable, but only with the same settings.
+    parse_config(["--config", path, "--overwrite_output_dir"]).save(output / CONFIG_FILE_NAME)
+    checkpoint = output / "checkpoints" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    TrainerState(global_step=3).save(checkpoint)
+    with pytest.raises(ConfigError, match="resume_from_checkpoint latest to continue"):
+        parse_config(["--config", path])
+    config = parse_config(["--config", path, "--resume_from_checkpoint", "latest", "--logging_steps", "1"])
+    assert config.training.resume_from_checkpoint == "latest"
+    with pytest.raises(ConfigError, match=r"learning_rate: 0.0001 -> 0.001"):
+        parse_config(["--config", path, "--resume_from_checkpoint", "latest", "--learning_rate", "1e-3"])
+    with pytest.raises(ConfigError, match="contradict"):
+        parse_config(["--config", path, "--resume_from_checkpoint", "latest", "--overwrite_output_dir"])
+
+
+def test_resume_from_an_explicit_folder_must_be_a_checkpoint(tmp_path, base):
+    path = write_yaml(tmp_path, base)
+    with pytest.raises(ConfigError, match="not a training checkpoint"):
+        parse_config(["--config", path, "--resume_from_checkpoint", str(tmp_path)])
+
+
+def test_a_processor_that_does_not_fit_the_model_is_refused(tmp_path):
+    from model_setup import build_processor
+    from run_config import ModelArguments
+    from transformers import SamProcessor
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    from modeling_dbsam import DBSamConfig
+
+    config = DBSamConfig(**tiny_sam_config_dict())  # 32 px
+    SamProcessor(image_processor=SamImageProcessorPil(size={"longest_edge": 64})).save_pretrained(tmp_path / "proc")
+    with pytest.raises(ValueError, match="resizes images to 64 px but the model takes 32 px"):
+        build_processor(ModelArguments(model_config="x.json", processor=str(tmp_path / "proc")), config)
+    fitted = build_processor(ModelArguments(model_config="x.json"), config)  # derived from the config
+    assert fitted.image_processor.size["longest_edge"] == 32 and fitted.image_processor.mask_size["longest_edge"] == 64

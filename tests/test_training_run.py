@@ -1,0 +1,204 @@
+"""training/train.py end to end on the tiny model: learning, freezing, resuming, NaN stops, evaluation."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import accelerate
+import datasets
+import pytest
+import torch
+import train
+from accelerate.state import AcceleratorState, GradientState
+from checkpointing import TrainerState, latest_checkpoint, list_checkpoints, remove_interrupted_saves
+from model_setup import build_model
+from run_config import ModelArguments
+from safetensors.torch import load_file
+from training_support import make_dataset, write_tiny_model_config
+
+from modeling_dbsam import DBSamModel
+from modeling_dbsam.data import SamBoxTransform
+from modeling_dbsam.evaluation import PAPER, evaluate_model
+from modeling_dbsam.losses import SegmentationLoss, bce_dice_loss
+from modeling_dbsam.processing import load_processor
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "arrow", num_train=8, num_test=4)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Each run here is tiny: one thread avoids oversubscribing the shared cores (and is deterministic)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_training(argv: list[str]) -> int:
+    """``train.main`` in this process, with Accelerate's process-wide singletons reset as a new process has them."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return train.main(argv)
+
+
+def base_args(tmp_path: Path, data_dir: Path, output: str, *extra: str) -> list[str]:
+    model_config = tmp_path / "model.json"
+    if not model_config.exists():
+        write_tiny_model_config(model_config)
+    return [
+        *("--model_config", str(model_config), "--data", str(data_dir), "--output_dir", str(tmp_path / output)),
+        *("--report_to", "none", "--disable_tqdm", "--eval_strategy", "no", "--logging_steps", "1"),
+        *extra,
+    ]
+
+
+def final_weights(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(output / "model.safetensors")
+
+
+def test_killed_during_a_save_and_resumed_equals_an_uninterrupted_run_bitwise(tmp_path, data_dir, monkeypatch):
+    # 8 examples, micro-batch 1, 2 micro-batches per step: 4 steps per epoch; dropout and drop path are on.
+    common = ("--max_steps", "6", "--save_steps", "3", "--per_device_train_batch_size", "1")
+    common += ("--gradient_accumulation_steps", "2")
+    assert run_training(base_args(tmp_path, data_dir, "uninterrupted", *common)) == 0
+
+    original_save = accelerate.Accelerator.save_state
+    saves = []
+
+    def dies_during_second_save(self, output_dir=None, **kwargs):
+        saves.append(output_dir)
+        if len(saves) == 2:  # checkpoint-4 (epoch end): the process dies after writing part of it
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"truncated")
+            raise KeyboardInterrupt
+        return original_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", dies_during_second_save)
+    killed = base_args(tmp_path, data_dir, "killed", *common)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(killed)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert (checkpoints / ".tmp-checkpoint-4").is_dir()
+    assert latest_checkpoint(checkpoints) == checkpoints / "checkpoint-3"  # mid-epoch: 6 of 8 micro-batches done
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", original_save)
+
+    assert run_training([*killed, "--resume_from_checkpoint", "latest"]) == 0
+    assert not (checkpoints / ".tmp-checkpoint-4").exists()
+    assert TrainerState.load(checkpoints / "checkpoint-6").global_step == 6
+    expected, resumed = final_weights(tmp_path / "uninterrupted"), final_weights(tmp_path / "killed")
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)
+    at_step_3 = load_file(checkpoints / "checkpoint-3" / "model.safetensors")
+    assert not torch.equal(at_step_3["mask_decoder.iou_token.weight"], expected["mask_decoder.iou_token.weight"])
+
+
+def mean_loss(model: DBSamModel, processor, dataset: datasets.Dataset) -> float:
+    batch = dataset.with_transform(SamBoxTransform(processor, max_shift=0, passthrough=()))[:]
+    model.eval()
+    with torch.no_grad():
+        masks = model(pixel_values=batch["pixel_values"], input_boxes=batch["input_boxes"], multimask_output=False)
+    return bce_dice_loss(masks.pred_masks[:, :, 0], batch["labels"]).loss.item()
+
+
+def test_loss_falls_on_a_tiny_overfit_set_and_frozen_weights_stay_unchanged(tmp_path, data_dir):
+    no_noise = ("--adapter_dropout", "0", "--adapter_drop_path_rate", "0", "--max_box_shift", "0")
+    args = base_args(tmp_path, data_dir, "overfit", *no_noise, "--max_steps", "40", "--learning_rate", "1e-2")
+    args += ["--per_device_train_batch_size", "4", "--save_steps", "0", "--seed", "7"]
+    assert run_training(args) == 0
+    output = tmp_path / "overfit"
+
+    torch.manual_seed(7)  # what train.py's set_seed(7) gives build_model: the run's initial weights
+    initial = build_model(
+        ModelArguments(model_config=str(tmp_path / "model.json"), adapter_dropout=0.0, adapter_drop_path_rate=0.0)
+    )
+    trained = DBSamModel.from_pretrained(output)  # the Hub-ready folder loads as it is
+    processor = load_processor(output)
+    train_split = datasets.load_from_disk(str(data_dir))["train"]
+    before, after = mean_loss(initial, processor, train_split), mean_loss(trained, processor, train_split)
+    assert after < 0.25 * before, (before, after)
+
+    trainable = set(initial.trainable_parameter_names())
+    trained_parameters = dict(trained.named_parameters())
+    # With multimask off, SAM's decoder still runs its other mask heads but slices their masks away: zero gradient.
+    multimask_heads = re.compile(r"mask_decoder\.output_hypernetworks_mlps\.[1-9]")
+    for name, parameter in initial.named_parameters():
+        unchanged = torch.equal(parameter, trained_parameters[name])
+        if name not in trainable:
+            assert unchanged, f"frozen {name} changed"
+        elif not multimask_heads.match(name):
+            assert not unchanged, f"trainable {name} did not move"
+    assert any(name.startswith("vision_encoder.layers.") for name in set(trained_parameters) - trainable)
+    assert (output / "training_config.yaml").is_file()
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    calls = []
+
+    def nan_at_fifth_batch(logits, targets):
+        losses = bce_dice_loss(logits, targets)
+        calls.append(1)
+        return SegmentationLoss(losses.loss * float("nan"), losses.bce, losses.dice) if len(calls) == 5 else losses
+
+    monkeypatch.setattr(train, "bce_dice_loss", nan_at_fifth_batch)
+    args = base_args(tmp_path, data_dir, "nan", "--max_steps", "8", "--save_steps", "2")
+    assert run_training([*args, "--per_device_train_batch_size", "2"]) == 1
+    checkpoints = tmp_path / "nan" / "checkpoints"
+    message = capsys.readouterr().err
+    assert "loss is nan at step 5" in message and str(checkpoints / "checkpoint-4") in message
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["checkpoint-2", "checkpoint-4"]
+    weights = load_file(checkpoints / "checkpoint-4" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert not (tmp_path / "nan" / "model.safetensors").exists()  # no model is published from a failed run
+
+
+def test_interrupted_checkpoint_writes_are_never_picked_and_rotation_keeps_the_best(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        TrainerState(global_step=step).save(root / f"checkpoint-{step}")
+    (root / "checkpoint-8").mkdir()  # no trainer_state.json: not a complete checkpoint
+    (root / ".tmp-checkpoint-9").mkdir()
+    TrainerState(global_step=9).save(root / ".tmp-checkpoint-9")  # even a temp folder with a state file
+    assert latest_checkpoint(root) == root / "checkpoint-6"
+    assert remove_interrupted_saves(root) == [root / ".tmp-checkpoint-9"]
+    from checkpointing import rotate_checkpoints
+
+    assert rotate_checkpoints(root, limit=1, keep="checkpoint-2") == [root / "checkpoint-4"]
+    assert [p.name for p in list_checkpoints(root)] == ["checkpoint-2", "checkpoint-6"]
+
+
+def test_evaluation_picks_the_best_checkpoint_and_publishes_its_scores(tmp_path, data_dir):
+    args = base_args(tmp_path, data_dir, "evaluated", "--num_train_epochs", "3", "--per_device_train_batch_size", "4")
+    args += ["--eval_strategy", "epoch", "--metric_for_best_model", "dsc", "--load_best_model_at_end"]
+    args += ["--save_steps", "0", "--save_total_limit", "1", "--learning_rate", "3e-3"]
+    assert run_training(args) == 0
+    output = tmp_path / "evaluated"
+    state = TrainerState.load(latest_checkpoint(output / "checkpoints"))
+    assert [e["step"] for e in state.evaluations] == [2, 4, 6]
+    scores = [e["metrics"]["dsc"] for e in state.evaluations]
+    best = state.evaluations[scores.index(max(scores))]
+    assert state.best_checkpoint == f"checkpoint-{best['step']}" and state.best_metric == max(scores)
+    assert (output / "checkpoints" / state.best_checkpoint).is_dir()  # kept by rotation despite the limit of 1
+
+    published = train.json.loads((output / "eval_results.json").read_text())
+    assert published["step"] == best["step"] and published["metrics"] == best["metrics"]
+    best_weights = load_file(output / "checkpoints" / state.best_checkpoint / "model.safetensors")
+    saved = final_weights(output)
+    assert all(torch.equal(saved[name], best_weights[name]) for name in best_weights)
+
+    # The scores match `dbsam evaluate`'s own path on the published folder.
+    test_split = datasets.load_from_disk(str(data_dir))["test"]
+    results = evaluate_model(
+        lambda: (DBSamModel.from_pretrained(output).eval(), load_processor(output)),
+        test_split,
+        PAPER,
+        tmp_path / "report",
+        model_info={"name": "tiny", "path": str(output), "fingerprint": "x"},
+        data_info={"path": str(data_dir), "split": "test", "fingerprint": "y"},
+    )
+    assert results["averages"] == published["averages"]
+    assert results["tasks"] == published["tasks"]
