@@ -13,23 +13,11 @@ from transformers import SamModel
 
 from modeling_dbsam import evaluation
 from modeling_dbsam.cli import main
+from modeling_dbsam.data.schema import FEATURES
 from modeling_dbsam.evaluation import PAPER, evaluate_model, get_protocol, load_baseline
 from modeling_dbsam.metrics import dice_score, normalized_surface_dice
 from modeling_dbsam.predictor import BoxPrediction
 
-FEATURES = datasets.Features(
-    {
-        "image": datasets.Image(),
-        "mask": datasets.Image(),
-        "task": datasets.Value("string"),
-        "modality": datasets.Value("string"),
-        "dimension": datasets.Value("string"),
-        "case_id": datasets.Value("string"),
-        "slice_index": datasets.Value("int32"),
-        "label": datasets.Value("int64"),
-        "spacing": datasets.List(datasets.Value("float64")),
-    }
-)
 SIZE = 256  # the paper grid: no resizing, so boxes and masks below are exact
 
 
