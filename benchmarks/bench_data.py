@@ -323,7 +323,7 @@ def bench_import(work: Path, depth: int, side: int, labels: int) -> dict:
     raw = work / "ct_raw"
     volume_bytes = make_ct_case(raw, depth, side, labels)
     command = [sys.executable, __file__, "--import-child", str(raw), str(work / "ct_out")]
-    child = subprocess.run(command, check=True, capture_output=True, text=True)
+    child = subprocess.run(command, check=True, capture_output=True, encoding="utf-8", errors="replace")
     result = json.loads(child.stdout.strip().splitlines()[-1])
     result["volume_and_labels_mib"] = round(volume_bytes / 2**20, 1)
     result["shape"] = [depth, side, side]

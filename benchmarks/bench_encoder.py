@@ -100,7 +100,7 @@ def training_step(device: str, checkpointing: bool, batch: int, steps: int) -> d
 def run_training_step_subprocess(device: str, checkpointing: bool, batch: int, steps: int) -> dict:
     args = [sys.executable, __file__, "--child-train-step", "--device", device, "--steps", str(steps)]
     args += ["--batch-sizes", str(batch)] + (["--checkpointing"] if checkpointing else [])
-    output = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(args, check=True, capture_output=True, encoding="utf-8", errors="replace").stdout
     return json.loads(output.strip().splitlines()[-1])
 
 

@@ -65,7 +65,7 @@ def run_child(model_name: str, checkpointing: bool, args: argparse.Namespace) ->
     command = [sys.executable, __file__, "--child", model_name, "--steps", str(args.steps)]
     command += ["--warmup", str(args.warmup), "--image-size", str(args.image_size)]
     command += ["--checkpointing"] if checkpointing else []
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{model_name} (checkpointing={checkpointing}) failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -131,7 +131,7 @@ def read_results(path: str | os.PathLike) -> EvaluationResults:
     """
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(raw, Mapping) or "tasks" not in raw:

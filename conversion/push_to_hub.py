@@ -58,7 +58,7 @@ def checked_model(folder: Path) -> dbsam_card.ModelFacts:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json; save the model with save_pretrained")
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
     if model_type != DBSamConfig.model_type:
         raise ValueError(
             f"{folder}: config.json has model_type {model_type!r}, not 'dbsam'; convert SAM checkpoints with "
@@ -94,7 +94,7 @@ def _chosen_file(given: Path | None, folder: Path, names: tuple[str, ...]) -> Pa
 
 def read_training_config(path: Path) -> tuple[dict, str]:
     """The training configuration and its YAML text for the card (JSON is shown as YAML too)."""
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     try:
         loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
@@ -111,7 +111,7 @@ def starting_model(training_config: dict | None, record: dict | None) -> str | N
     if isinstance(start, str) and start:
         start_record = Path(start) / dbsam_card.CONVERSION_FILE
         if start_record.is_file():
-            return json.loads(start_record.read_text()).get("base_model")
+            return json.loads(start_record.read_text(encoding="utf-8")).get("base_model")
         if not Path(start).exists():
             return start
     return (record or {}).get("base_model")
@@ -145,7 +145,7 @@ def plan_upload(args: argparse.Namespace) -> UploadPlan:
     training_path = _chosen_file(args.training_config, folder, TRAINING_CONFIG_FILES)
     training_config, training_text = read_training_config(training_path) if training_path else (None, None)
     conversion_path = folder / dbsam_card.CONVERSION_FILE
-    record = json.loads(conversion_path.read_text()) if conversion_path.is_file() else None
+    record = json.loads(conversion_path.read_text(encoding="utf-8")) if conversion_path.is_file() else None
     model_name = args.repo_id.split("/")[-1]
     if results_path is None and training_path is None and record is not None:
         card = dbsam_card.converted_card(model_name, args.repo_id, facts, record, license=args.license)

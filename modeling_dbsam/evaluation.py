@@ -449,7 +449,7 @@ def prepare_output(output: Path, identity: dict, overwrite: bool = False) -> dic
         raise FileExistsError(f"{output}: exists and is not a folder")
     if output.exists():
         run_file = output / RUN_FILE
-        previous = json.loads(run_file.read_text()) if run_file.exists() else None
+        previous = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else None
         foreign = [p.name for p in output.iterdir() if p not in ours and not p.name.startswith(".")]
         if not overwrite:
             if (output / "results.json").exists():
@@ -490,7 +490,7 @@ def load_baseline(path: str | os.PathLike, protocol: Protocol) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: baseline results not found")
     try:
-        results = json.loads(path.read_text())
+        results = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not a JSON file ({error})") from error
     if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:

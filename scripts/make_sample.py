@@ -66,7 +66,7 @@ USE OF THIS SOFTWARE, EVEN IF ADVISED OF THE POSSIBILITY OF SUCH DAMAGE.
 
 def _atlas_ids(names_file: Path) -> dict[str, int]:
     ids = {}
-    for line in names_file.read_text().splitlines():
+    for line in names_file.read_text(encoding="utf-8").splitlines():
         fields = line.split()
         if len(fields) >= 2:
             ids[fields[1]] = int(fields[0])

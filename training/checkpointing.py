@@ -43,7 +43,7 @@ class TrainerState:
         path = folder / STATE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{folder}: not a training checkpoint (no {STATE_FILE})")
-        return cls(**json.loads(path.read_text()))
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
 
 
 def checkpoint_step(folder: Path) -> int | None:

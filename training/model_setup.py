@@ -22,7 +22,7 @@ def build_model(args: ModelArguments) -> DBSamModel:
     """
     overrides = args.config_overrides()
     if args.model_config is not None:
-        config_dict = json.loads(Path(args.model_config).read_text())
+        config_dict = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
         return DBSamModel(DBSamConfig.from_dict(config_dict, **overrides))
     return DBSamModel.from_pretrained(args.model, **overrides)
 

@@ -220,7 +220,7 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
     if values is None:
@@ -277,7 +277,7 @@ def _dataset_splits(path: Path) -> list[str]:
     if not index.is_file():
         hint = " (a single Dataset, not a DatasetDict)" if (path / "dataset_info.json").is_file() else ""
         raise ConfigError(f"data {path}: not a DatasetDict folder written by save_to_disk{hint}: no dataset_dict.json")
-    return list(json.loads(index.read_text())["splits"])
+    return list(json.loads(index.read_text(encoding="utf-8"))["splits"])
 
 
 def validate(config: RunConfig) -> None:
@@ -359,7 +359,7 @@ def validate_output_dir(config: RunConfig) -> None:
                 "--overwrite_output_dir to start over, or choose another output_dir"
             )
         _check(saved_path.is_file(), f"output_dir {output_dir} holds no {CONFIG_FILE_NAME}: it is not a run to resume")
-        saved = yaml.safe_load(saved_path.read_text())
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
         current = config.to_dict()
         changed = [
             f"{key}: {saved.get(key)!r} -> {current[key]!r}"
