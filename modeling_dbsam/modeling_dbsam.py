@@ -440,13 +440,11 @@ class DBSamModel(SamModel):
                 )
             # SamProcessor returns float64 boxes; the prompt encoder computes in the model's dtype.
             input_boxes = input_boxes.to(self.shared_image_embedding.positional_embedding.dtype)
-        if pixel_values is not None:
-            self.vision_encoder.check_pixel_values(pixel_values, conv_pixel_values)
-            if conv_pixel_values is not None:
-                kwargs["image_embeddings"] = self.vision_encoder(pixel_values, conv_pixel_values=conv_pixel_values)[0]
-                pixel_values = None
-        elif conv_pixel_values is not None:
-            raise ValueError("conv_pixel_values needs pixel_values")
+        if conv_pixel_values is not None:  # the encoder checks both shapes
+            if pixel_values is None:
+                raise ValueError("conv_pixel_values needs pixel_values")
+            kwargs["image_embeddings"] = self.vision_encoder(pixel_values, conv_pixel_values=conv_pixel_values)[0]
+            pixel_values = None
         return super().forward(pixel_values=pixel_values, input_boxes=input_boxes, **kwargs)
 
 
