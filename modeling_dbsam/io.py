@@ -47,6 +47,14 @@ class MedicalImage:
         return tuple(float(s) for s in reversed(self.reference.GetSpacing()))
 
 
+def _slice_size(path: str) -> tuple[int, int]:
+    """A DICOM file's in-plane size from its header alone, without decoding pixels."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader.GetSize()[:2]
+
+
 def _read_dicom_series(directory: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     series_ids = reader.GetGDCMSeriesIDs(str(directory))
@@ -57,7 +65,7 @@ def _read_dicom_series(directory: Path) -> sitk.Image:
             f"{directory}: holds {len(series_ids)} DICOM series ({', '.join(series_ids)}); pass one series"
         )
     files = reader.GetGDCMSeriesFileNames(str(directory), series_ids[0])
-    sizes = {sitk.ReadImage(f).GetSize()[:2] for f in files} if len(files) > 1 else set()
+    sizes = {_slice_size(f) for f in files}
     if len(sizes) > 1:
         raise ValueError(f"{directory}: DICOM series mixes slice sizes {sorted(sizes)}")
     reader.SetFileNames(files)
