@@ -10,6 +10,7 @@ from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPi
 
 from modeling_dbsam.data import FEATURES, SamBoxTransform, collate_batch
 from modeling_dbsam.data.schema import encode_image, make_example
+from modeling_dbsam.pixels import SamPixels
 
 
 def _rows(shapes, rgb=False, seed=0):
@@ -141,3 +142,23 @@ def test_bad_rows_are_refused_with_their_identity():
         transform({key: value for key, value in batch.items() if key != "case_id"})
     with pytest.raises(ValueError, match="shifts must be >= 0"):
         SamBoxTransform(tiny_processor(), max_shift=-1)
+
+
+def test_uint8_output_normalised_later_equals_normalised_output_through_workers():
+    rows = _rows([(64, 64), (48, 80), (90, 40), (64, 64)], rgb=False)
+    processor = tiny_processor()
+    normalised = rows.with_transform(SamBoxTransform(processor, max_shift=20, seed=1))[:]
+    loader = torch.utils.data.DataLoader(
+        rows.with_transform(SamBoxTransform(processor, max_shift=20, seed=1, normalize=False)),
+        batch_size=4,
+        num_workers=2,
+        collate_fn=collate_batch,
+    )
+    raw = next(iter(loader))
+    assert raw["pixel_values"].dtype == torch.uint8
+    for key in ("input_boxes", "labels", "original_sizes", "reshaped_input_sizes"):
+        assert torch.equal(raw[key], normalised[key]), key
+    pixel_values = SamPixels(processor).normalize(raw["pixel_values"], raw["reshaped_input_sizes"])
+    assert torch.equal(pixel_values, normalised["pixel_values"])
+    with pytest.raises(ValueError, match="normalize=False needs a SamImageProcessorPil"):
+        SamBoxTransform(SamImageProcessorPil(do_pad=False), normalize=False)

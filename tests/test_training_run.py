@@ -135,6 +135,28 @@ def test_loss_falls_on_a_tiny_overfit_set_and_frozen_weights_stay_unchanged(tmp_
     assert (output / "training_config.yaml").is_file()
 
 
+def test_the_model_trains_on_exactly_what_the_processor_makes(tmp_path, data_dir, monkeypatch):
+    """Loader workers send uint8 pixels and the step normalises them: the model must see the processor's values."""
+    seen = []
+    forward = DBSamModel.forward
+
+    def recording_forward(self, pixel_values=None, **kwargs):
+        seen.append((pixel_values.detach().clone(), kwargs["input_boxes"].detach().clone()))
+        return forward(self, pixel_values=pixel_values, **kwargs)
+
+    monkeypatch.setattr(DBSamModel, "forward", recording_forward)
+    args = base_args(tmp_path, data_dir, "spy", "--max_steps", "2", "--max_box_shift", "0", "--save_steps", "0")
+    assert run_training([*args, "--per_device_train_batch_size", "4", "--dataloader_num_workers", "2"]) == 0
+    train_split = datasets.load_from_disk(str(data_dir))["train"]
+    reference = train_split.with_transform(SamBoxTransform(load_processor(tmp_path / "spy"), max_shift=0))[:]
+    pixel_values = torch.cat([pixels for pixels, _ in seen])
+    boxes = torch.cat([box for _, box in seen])
+    assert pixel_values.dtype == torch.float32 and len(pixel_values) == len(train_split)
+    for pixels, box in zip(pixel_values, boxes):
+        matches = [i for i in range(len(train_split)) if torch.equal(reference["pixel_values"][i], pixels)]
+        assert matches and any(torch.equal(reference["input_boxes"][i], box) for i in matches)
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
     calls = []
 

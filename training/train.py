@@ -46,9 +46,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from modeling_dbsam import DBSamModel
-from modeling_dbsam.data import SamBoxTransform
+from modeling_dbsam.data import SamBoxTransform, collate_batch
 from modeling_dbsam.io import atomic_write
 from modeling_dbsam.losses import bce_dice_loss
+from modeling_dbsam.pixels import SamPixels
 
 logger = get_logger("dbsam.train")
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -113,15 +114,22 @@ class Training:
         train_set = splits[config.data.train_split]
         self.sampler = EpochShuffleSampler(len(train_set), args.seed)
         self._prepare_output_dir()  # only now: a setup error above leaves output_dir untouched
-        # Box jitter is a function of (seed, epoch, example): see SamBoxTransform.
+        # Box jitter is a function of (seed, epoch, example): see SamBoxTransform. Loader workers only resize:
+        # uint8 batches (a quarter of the bytes) are normalised on the device, by the processor's own table.
+        self.pixels = SamPixels(self.processor) if SamPixels.supports(self.processor) else None
         self.transform = SamBoxTransform(
-            self.processor, max_shift=config.data.max_box_shift, seed=args.seed, passthrough=()
+            self.processor,
+            max_shift=config.data.max_box_shift,
+            seed=args.seed,
+            normalize=self.pixels is None,
+            passthrough=(),
         )
         loader = DataLoader(
             train_set.with_transform(self.transform),
             batch_size=args.per_device_train_batch_size,
             sampler=self.sampler,
             num_workers=args.dataloader_num_workers,
+            collate_fn=collate_batch,
             pin_memory=torch.cuda.is_available(),
         )
         self.train_loader = self.accelerator.prepare(loader)
@@ -206,9 +214,10 @@ class Training:
 
     def _train_micro_batch(self, batch: dict) -> torch.Tensor | None:
         """Forward, loss, backward; on the micro-batch that completes an optimizer step also clip and step."""
-        outputs = self.model(
-            pixel_values=batch["pixel_values"], input_boxes=batch["input_boxes"], multimask_output=False
-        )
+        pixel_values = batch["pixel_values"]
+        if self.pixels is not None:
+            pixel_values = self.pixels.normalize(pixel_values, batch["reshaped_input_sizes"])
+        outputs = self.model(pixel_values=pixel_values, input_boxes=batch["input_boxes"], multimask_output=False)
         losses = bce_dice_loss(outputs.pred_masks[:, :, 0], batch["labels"].to(outputs.pred_masks.dtype))
         self._stop_if_non_finite(losses.loss.detach(), "loss")
         self._loss_sums += torch.stack([term.detach() for term in losses])

@@ -1,28 +1,24 @@
 """Rows of the MedSAM schema to model inputs: the transform for ``Dataset.with_transform``.
 
 The output equals what the model's own ``SamProcessor`` gives for the same image, mask and box,
-bit for bit. ``SamImageProcessorPil`` spends ~60 ms per 256 -> 1024 image, mostly on channel-first
-float normalisation, float64 rescaling, resizing three channels and stacking lists into arrays.
-Here an image whose channels are equal (every CT/MR slice) is resized once with the same PIL call,
-and rescale + normalise become a 256-entry lookup table per channel computed by the processor's own
-``rescale``/``normalize``, written straight into the batch tensor: about 9 ms per image (see
-docs/benchmarks.md, "Data pipeline"). Any other image processor falls back to calling the processor.
+bit for bit; the pixels come from :class:`modeling_dbsam.pixels.SamPixels`, about 7x cheaper than the
+processor, and with ``normalize=False`` stay uint8 for normalising on the accelerator. Any other image
+processor falls back to calling the processor.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import default_collate, get_worker_info
-from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+from torch.utils.data import default_collate
 
 from modeling_dbsam.boxes import box_prompt
 from modeling_dbsam.data.schema import check_object_mask
+from modeling_dbsam.pixels import SamPixels, batch_tensor
 
 PASSTHROUGH = ("task", "case_id", "slice_index", "label")
 
@@ -33,15 +29,6 @@ def example_rng(seed: int, epoch: int, task: str, case_id: str, slice_index: int
     identity = f"{task}\0{case_id}\0{slice_index}\0{label}".encode()
     key = int.from_bytes(hashlib.blake2b(identity, digest_size=8).digest(), "little")
     return np.random.default_rng([seed, epoch, key])
-
-
-def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An uninitialised tensor; inside a DataLoader worker it lives in shared memory (as ``default_collate``
-    allocates its output there), so that handing the batch to the main process copies nothing."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def collate_batch(rows: list[dict]) -> dict:
@@ -87,7 +74,9 @@ class SamBoxTransform:
     Returns, for a batch of B rows:
 
     - ``pixel_values``: (B, 3, S, S) float32, normalised and padded exactly as ``processor`` does
-      (S = the processor's padded size: 1024 for ViT-B, 32 for the tiny test model);
+      (S = the processor's padded size: 1024 for ViT-B, 32 for the tiny test model); with
+      ``normalize=False``, uint8 resized and zero-padded, a quarter of the bytes, for
+      ``SamPixels(processor).normalize(pixel_values, reshaped_input_sizes)`` on the accelerator;
     - ``original_sizes``, ``reshaped_input_sizes``: (B, 2) int64, as the processor returns them;
     - ``input_boxes``: (B, 1, 4) float32, x0, y0, x1, y1 in the S frame (one box per image);
     - ``labels``: (B, 1, M, M) float32 0/1, the mask resized (nearest) and padded as the processor
@@ -104,38 +93,25 @@ class SamBoxTransform:
         shift_resolution: int | None = 256,
         seed: int = 0,
         epoch: int = 0,
+        normalize: bool = True,
         passthrough: Sequence[str] = PASSTHROUGH,
     ):
         if max_shift < 0 or (fixed_shift is not None and fixed_shift < 0):
             raise ValueError(f"shifts must be >= 0, got max_shift={max_shift}, fixed_shift={fixed_shift}")
         self.processor = processor
-        self.image_processor = getattr(processor, "image_processor", processor)
+        self.pixels = SamPixels(processor) if SamPixels.supports(processor) else None
+        if not normalize and self.pixels is None:
+            raise ValueError(
+                "normalize=False needs a SamImageProcessorPil that resizes and pads (SamPixels.supports); "
+                f"got {type(getattr(processor, 'image_processor', processor)).__name__}"
+            )
         self.max_shift, self.fixed_shift, self.shift_resolution = max_shift, fixed_shift, shift_resolution
-        self.seed, self.epoch = seed, epoch
+        self.seed, self.epoch, self.normalize = seed, epoch, normalize
         self.passthrough = tuple(passthrough)
-        ip = self.image_processor
-        self.fast = isinstance(ip, SamImageProcessorPil) and ip.do_resize and ip.do_pad
-        if self.fast:
-            self.lut = self._lookup_table()
 
     def set_epoch(self, epoch: int) -> None:
         """Draw new jitter for every example from now on (call once per epoch)."""
         self.epoch = epoch
-
-    def _lookup_table(self) -> torch.Tensor:
-        """(3, 256) float32: the processor's own rescale and normalise applied to every uint8 value."""
-        ip = self.image_processor
-        values = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)).copy()  # channels-first, as inside
-        if ip.do_rescale:
-            values = ip.rescale(values, ip.rescale_factor)
-        if ip.do_normalize:
-            values = ip.normalize(
-                values.astype(np.float32) if not ip.do_rescale else values, ip.image_mean, ip.image_std
-            )
-        return torch.from_numpy(np.ascontiguousarray(values[:, 0, :], dtype=np.float32))
-
-    def _resized_shape(self, shape: tuple[int, int], longest_edge: int) -> tuple[int, int]:
-        return self.image_processor._get_preprocess_shape(shape, longest_edge)
 
     def _boxes(self, batch: dict, masks: list[np.ndarray]) -> np.ndarray:
         boxes = []
@@ -167,58 +143,26 @@ class SamBoxTransform:
                 raise ValueError(f"{source}: image must be H x W x 3 uint8, got {image.shape} {image.dtype}")
             masks.append(check_object_mask(np.asarray(mask), image.shape[:2], source))
         boxes = self._boxes(batch, masks)
-        outputs = self._fast(images, masks, boxes) if self.fast else self._with_processor(images, masks, boxes)
+        if self.pixels is not None:
+            outputs = self._fast(images, masks, boxes)
+        else:
+            outputs = self._with_processor(images, masks, boxes)
         outputs.update({name: list(batch[name]) for name in self.passthrough})
         return outputs
 
     def _fast(self, images: list[np.ndarray], masks: list[np.ndarray], boxes: np.ndarray) -> dict:
-        ip = self.image_processor
-        pad_h, pad_w = ip.pad_size["height"], ip.pad_size["width"]
-        mask_pad_h, mask_pad_w = ip.mask_pad_size["height"], ip.mask_pad_size["width"]
-        count = len(images)
-        pixel_values = _batch_tensor((count, 3, pad_h, pad_w))
-        labels = _batch_tensor((count, 1, mask_pad_h, mask_pad_w)).zero_()
-        original, reshaped = torch.empty(count, 2, dtype=torch.int64), torch.empty(count, 2, dtype=torch.int64)
-        for index, (image, mask) in enumerate(zip(images, masks)):
-            height, width = image.shape[:2]
-            new_h, new_w = self._resized_shape((height, width), ip.size["longest_edge"])
-            if new_h > pad_h or new_w > pad_w:
-                raise ValueError(f"resized image {new_h} x {new_w} exceeds the processor's pad size {pad_h} x {pad_w}")
-            original[index] = torch.tensor([height, width])
-            reshaped[index] = torch.tensor([new_h, new_w])
-            self._write_pixels(pixel_values[index], image, new_h, new_w)
-            mask_h, mask_w = self._resized_shape((height, width), ip.mask_size["longest_edge"])
+        outputs = self.pixels(images, normalize=self.normalize)
+        image_processor = self.pixels.image_processor
+        pad = image_processor.mask_pad_size
+        labels = batch_tensor((len(masks), 1, pad["height"], pad["width"])).zero_()
+        for index, mask in enumerate(masks):
+            mask_h, mask_w = self.pixels.resized_shape(mask.shape, image_processor.mask_size["longest_edge"])
             small = Image.fromarray(mask).resize((mask_w, mask_h), Image.Resampling.NEAREST)
             labels[index, 0, :mask_h, :mask_w] = torch.from_numpy(np.asarray(small, dtype=np.float32))
-            boxes[index] *= [new_w / width, new_h / height, new_w / width, new_h / height]
-        return {
-            "pixel_values": pixel_values,
-            "original_sizes": original,
-            "reshaped_input_sizes": reshaped,
-            "input_boxes": torch.from_numpy(boxes.astype(np.float32))[:, None, :],
-            "labels": labels,
-        }
-
-    def _write_pixels(self, target: torch.Tensor, image: np.ndarray, new_h: int, new_w: int) -> None:
-        """Resize with the processor's PIL filter, then look up normalised values into ``target`` (3, S, S)."""
-        resample = self.image_processor.resample
-        gray = np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2])
-        if gray:  # PIL resizes each channel alike: resizing one is exact and 3x cheaper
-            resized = Image.fromarray(image[..., 0]).resize((new_w, new_h), resample)
-            plane = torch.from_numpy(np.asarray(resized, dtype=np.int32)).view(-1)
-            indices = [plane] * 3
-        else:
-            resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
-            planes = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1), dtype=np.int32))
-            indices = [planes[c].view(-1) for c in range(3)]
-        full = (new_h, new_w) == tuple(target.shape[1:])
-        if not full:
-            target.zero_()
-        for channel, index in enumerate(indices):
-            if full:
-                torch.index_select(self.lut[channel], 0, index, out=target[channel].view(-1))
-            else:
-                target[channel, :new_h, :new_w] = self.lut[channel][index].view(new_h, new_w)
+        scale = outputs["reshaped_input_sizes"].numpy() / outputs["original_sizes"].numpy()  # (B, 2): y, x
+        outputs["input_boxes"] = torch.from_numpy((boxes * scale[:, [1, 0, 1, 0]]).astype(np.float32))[:, None, :]
+        outputs["labels"] = labels
+        return outputs
 
     def _with_processor(self, images: list[np.ndarray], masks: list[np.ndarray], boxes: np.ndarray) -> dict:
         inputs = self.processor(
