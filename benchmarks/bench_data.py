@@ -8,7 +8,9 @@
       ``box_prompt``, ``SamProcessor`` per example (what a hand-written ``Dataset.__getitem__`` does);
     - ``arrow-w0`` / ``arrow-w2``: the Arrow dataset from ``load_medsam_dataset`` through
       ``with_transform(SamBoxTransform(...))`` and a ``DataLoader`` (batch 8, ``collate_fn=collate_batch``)
-      with 0 and 2 workers; ``-default-collate``: the same with torch's ``default_collate``.
+      with 0 and 2 workers; ``-default-collate``: the same with torch's ``default_collate``;
+    - ``arrow-uint8-w0`` / ``-w2``: ``SamBoxTransform(..., normalize=False)``, what training uses: uint8
+      pixels, normalised on the accelerator by ``SamPixels.normalize`` (not part of the loader's time).
     Variants run interleaved, repeated; the report gives min and median examples/s, the median ratio
     to ``plain``, and CPU milliseconds per example (the process and its finished workers), which the
     shared machine's load inflates less than wall time.
@@ -82,13 +84,14 @@ def plain_loop(folder: Path, processor, limit: int) -> int:
     return count
 
 
-def arrow_loop(dataset, processor, workers: int, limit: int, join: bool = True) -> int:
+def arrow_loop(dataset, processor, workers: int, limit: int, join: bool = True, normalize: bool = True) -> int:
     import torch
 
     from modeling_dbsam.data import SamBoxTransform, collate_batch
 
+    transform = SamBoxTransform(processor, max_shift=20, seed=0, normalize=normalize)
     loader = torch.utils.data.DataLoader(
-        dataset.select(range(limit)).with_transform(SamBoxTransform(processor, max_shift=20, seed=0)),
+        dataset.select(range(limit)).with_transform(transform),
         batch_size=8,
         num_workers=workers,
         collate_fn=collate_batch if join else None,
@@ -134,6 +137,8 @@ def bench_loader(work: Path, slices: int, limit: int, repeats: int, quick: bool)
         "arrow-w2": lambda: arrow_loop(dataset, processor, 2, limit),
         "arrow-w0-default-collate": lambda: arrow_loop(dataset, processor, 0, limit, join=False),
         "arrow-w2-default-collate": lambda: arrow_loop(dataset, processor, 2, limit, join=False),
+        "arrow-uint8-w0": lambda: arrow_loop(dataset, processor, 0, limit, normalize=False),
+        "arrow-uint8-w2": lambda: arrow_loop(dataset, processor, 2, limit, normalize=False),
     }
     rates, cpu_ms = {name: [] for name in variants}, {name: [] for name in variants}
     for _ in range(repeats):
@@ -219,29 +224,37 @@ def bench_processor(processor) -> dict:
 
 
 def bench_transform_parts(processor, repeats: int) -> dict:
-    """CPU ms per 256 x 256 gray example of the transform's steps, and of writing its output into fresh
-    memory (a new batch tensor, as every batch needs) against memory written before (page faults)."""
+    """CPU ms per 256 x 256 gray example of the pixel steps, writing into fresh memory (a new batch tensor,
+    as every batch needs) against memory written before (page faults): the uint8 write is what
+    ``normalize=False`` leaves to a loader worker, the table lookup what it moves to the accelerator."""
     import torch
     from PIL import Image
 
-    from modeling_dbsam.data import SamBoxTransform
+    from modeling_dbsam.pixels import SamPixels
 
-    transform = SamBoxTransform(processor)
+    table = SamPixels(processor).table
     plane = np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)
     side = processor.image_processor.size["longest_edge"]
-    resized = Image.fromarray(plane).resize((side, side), processor.image_processor.resample)
-    indices = torch.from_numpy(np.asarray(resized, dtype=np.int32)).view(-1)
-    reused = torch.empty(3, side * side)
+    resized = torch.from_numpy(
+        np.array(Image.fromarray(plane).resize((side, side), processor.image_processor.resample))
+    )
+    indices = resized.view(-1).int()
+    reused_float, reused_uint8 = torch.empty(3, side * side), torch.empty(3, side * side, dtype=torch.uint8)
 
     def lookup(target):
         for channel in range(3):
-            torch.index_select(transform.lut[channel], 0, indices, out=target[channel])
+            torch.index_select(table[channel], 0, indices, out=target[channel])
+
+    def write_uint8(target):
+        target.copy_(resized.view(1, -1).expand(3, -1))
 
     steps = {
         "resize (PIL, one channel)": lambda: Image.fromarray(plane).resize(
             (side, side), processor.image_processor.resample
         ),
-        "lookup into reused memory": lambda: lookup(reused),
+        "uint8 write into reused memory": lambda: write_uint8(reused_uint8),
+        "uint8 write into fresh memory": lambda: write_uint8(torch.empty(3, side * side, dtype=torch.uint8)),
+        "lookup into reused memory": lambda: lookup(reused_float),
         "lookup into fresh memory": lambda: lookup(torch.empty(3, side * side)),
     }
     result = {}

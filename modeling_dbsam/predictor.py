@@ -17,6 +17,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import SamModel, SamProcessor
 
+from modeling_dbsam.pixels import SamPixels
+
 
 @dataclass
 class Prompts:
@@ -145,7 +147,16 @@ def encode_images(
 ) -> EncodedImages:
     """Run the image encoder once on a batch of H x W x 3 uint8 images."""
     dtype, device = _model_dtype_and_device(model)
-    inputs = processor(images=[np.asarray(image) for image in images], return_tensors="pt")
+    images = [np.asarray(image) for image in images]
+    if SamPixels.supports(processor):  # the processor's values, ~7x cheaper; normalised on the device
+        pixels = SamPixels(processor)
+        inputs = pixels(images, normalize=device.type == "cpu")
+        if device.type != "cpu":
+            inputs["pixel_values"] = pixels.normalize(
+                inputs["pixel_values"].to(device), inputs["reshaped_input_sizes"]
+            )
+    else:
+        inputs = processor(images=images, return_tensors="pt")
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         embeddings = model.get_image_embeddings(inputs["pixel_values"].to(device=device, dtype=dtype))
     return EncodedImages(embeddings, inputs["original_sizes"], inputs["reshaped_input_sizes"])
