@@ -92,6 +92,10 @@ def test_killed_during_a_save_and_resumed_equals_an_uninterrupted_run_bitwise(tm
     expected, resumed = final_weights(tmp_path / "uninterrupted"), final_weights(tmp_path / "killed")
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)
+    # Every file of a checkpoint loads without unpickling code: no Accelerate custom-object pickles.
+    assert not list((checkpoints / "checkpoint-6").glob("custom_checkpoint_*"))
+    scheduler_state = torch.load(checkpoints / "checkpoint-3" / "scheduler.bin", weights_only=True)
+    assert scheduler_state["last_epoch"] == 3
     at_step_3 = load_file(checkpoints / "checkpoint-3" / "model.safetensors")
     assert not torch.equal(at_step_3["mask_decoder.iou_token.weight"], expected["mask_decoder.iou_token.weight"])
 

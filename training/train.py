@@ -137,9 +137,11 @@ class Training:
             len(self.train_loader), args.gradient_accumulation_steps, args.num_train_epochs, args.max_steps
         )
         optimizer = build_optimizer(model, args)
-        self.scheduler = build_scheduler(optimizer, args, self.plan.total_steps)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.accelerator.register_for_checkpointing(self.scheduler)
+        scheduler = build_scheduler(optimizer, args, self.plan.total_steps)
+        # Prepared (not registered as a custom object, which Accelerate reloads with weights_only=False), the
+        # scheduler is saved as scheduler.bin and resumed with weights_only=True. With
+        # step_scheduler_with_optimizer=False its step() is the plain scheduler's.
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.state = TrainerState()
         if args.resume_from_checkpoint is not None:
             checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.checkpoints_dir)
