@@ -395,15 +395,23 @@ class DBSamModel(SamModel):
     def trainable_parameter_names(self) -> list[str]:
         """The paper's trainable set: adapters, the mask decoder and (if `train_neck`) SAM's neck.
 
-        The decoder's IoU head stays frozen: the paper's loss (BCE + Dice on the masks) never reaches it,
-        and a trainable parameter without a gradient would force DDP's `find_unused_parameters`.
+        Two parts of the decoder stay frozen because the paper's loss (BCE + Dice on one mask per box) never
+        reaches them: the IoU head, and the hypernetwork heads of SAM's three multimask outputs. Trainable,
+        they would get zero gradients and only weight decay would move them, eroding SAM's multimask and
+        IoU predictions; and a trainable parameter without a gradient would force DDP's
+        `find_unused_parameters`.
         """
         prefixes = ["mask_decoder."] + (["vision_encoder.neck."] if self.config.train_neck else [])
+        never_reached = ("mask_decoder.iou_prediction_head.", *self._multimask_head_prefixes())
         names = set(self.adapter_parameter_names())
         for name, _ in self.named_parameters():
-            if name.startswith(tuple(prefixes)) and not name.startswith("mask_decoder.iou_prediction_head."):
+            if name.startswith(tuple(prefixes)) and not name.startswith(never_reached):
                 names.add(name)
         return sorted(names)
+
+    def _multimask_head_prefixes(self) -> list[str]:
+        heads = len(self.mask_decoder.output_hypernetworks_mlps)
+        return [f"mask_decoder.output_hypernetworks_mlps.{index}." for index in range(1, heads)]
 
     def freeze_for_training(self) -> int:
         """Freeze the ViT, patch/position embeddings and the prompt encoder; return the trainable parameter count.

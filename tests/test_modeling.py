@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny import tiny_sam_config, tiny_sam_config_dict
+from tiny import scrambled_tiny_dbsam, tiny_sam_config, tiny_sam_config_dict
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -130,10 +130,31 @@ def test_gradients_reach_exactly_the_trainable_set():
     assert any(name.startswith("vision_encoder.neck.") for name in trainable)
     assert not any(name.startswith(("vision_encoder.layers.", "prompt_encoder.")) for name in trainable)
     assert "vision_encoder.pos_embed" not in trainable
+    assert "mask_decoder.output_hypernetworks_mlps.0.proj_in.weight" in trainable
+    assert not any(
+        name.startswith(("mask_decoder.output_hypernetworks_mlps.1.", "mask_decoder.iou_prediction_head."))
+        for name in trainable
+    )
     model.train()
-    model(**inputs()).pred_masks.sigmoid().mean().backward()
+    model(**inputs()).pred_masks.sigmoid().mean().backward()  # one mask per box, as in training
     for name, parameter in model.named_parameters():
         assert (parameter.grad is not None) == parameter.requires_grad, name
+
+
+def test_single_mask_training_reaches_every_trainable_weight_and_no_frozen_decoder_head():
+    """With every weight non-zero (no zero-initialised projection hiding a path), a one-mask-per-box loss gives
+    each trainable parameter a gradient, and the frozen multimask and IoU heads exactly none: trainable, only
+    weight decay would move them."""
+    model = scrambled_tiny_dbsam()
+    trainable = set(model.trainable_parameter_names())
+    model.requires_grad_(True)
+    model(**inputs()).pred_masks.sigmoid().mean().backward()
+    for name, parameter in model.named_parameters():
+        reached = parameter.grad is not None and bool(parameter.grad.abs().sum() > 0)
+        if name in trainable:
+            assert reached, f"trainable {name} gets no gradient"
+        elif name.startswith(("mask_decoder.output_hypernetworks_mlps.", "mask_decoder.iou_prediction_head.")):
+            assert not reached, f"frozen {name} would get a gradient"
 
 
 def test_train_neck_false_freezes_the_neck():
