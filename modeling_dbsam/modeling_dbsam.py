@@ -17,7 +17,12 @@ from transformers import SamModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
-from transformers.models.sam.modeling_sam import SamLayerNorm, SamVisionEncoder, SamVisionEncoderOutput
+from transformers.models.sam.modeling_sam import (
+    SamLayerNorm,
+    SamPositionalEmbedding,
+    SamVisionEncoder,
+    SamVisionEncoderOutput,
+)
 from transformers.models.swin.modeling_swin import SwinDropPath
 from transformers.processing_utils import Unpack
 from transformers.utils.generic import TransformersKwargs, merge_with_config_defaults
@@ -383,14 +388,25 @@ class DBSamModel(SamModel):
         self.vision_encoder = DBSamVisionEncoder(config)
         self.post_init()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SamPositionalEmbedding):
+            # Meta's PositionEmbeddingRandom draws its frequencies from N(0, 1); transformers' SAM uses std
+            # hidden_size // 2 (384 at ViT-B), which makes the codes of nearby box corners unrelated, so a model
+            # trained from random weights memorises positions instead of following boxes. Checkpoints
+            # overwrite this (SAM's trained matrix has std 1).
+            init.normal_(module.positional_embedding, std=1.0)
+
+    def adapter_modules(self) -> list[nn.Module]:
+        """The modules DB-SAM adds to SAM (all inside the vision encoder), with everything inside them."""
+        encoder = self.vision_encoder
+        containers = [encoder.channel_attention, encoder.conv_branch, encoder.cross_attention, encoder.fusion]
+        return [module for container in containers if container is not None for module in container.modules()]
+
     def adapter_parameter_names(self) -> list[str]:
-        """Names of the parameters DB-SAM adds to SAM (all inside the vision encoder)."""
-        adapters = ("channel_attention.", "conv_branch.", "cross_attention.", "fusion.")
-        return [
-            name
-            for name, _ in self.named_parameters()
-            if name.startswith(tuple(f"vision_encoder.{a}" for a in adapters))
-        ]
+        """Names of the parameters DB-SAM adds to SAM."""
+        adapter_parameters = {id(p) for module in self.adapter_modules() for p in module.parameters(recurse=False)}
+        return [name for name, parameter in self.named_parameters() if id(parameter) in adapter_parameters]
 
     def trainable_parameter_names(self) -> list[str]:
         """The paper's trainable set: adapters, the mask decoder and (if `train_neck`) SAM's neck.

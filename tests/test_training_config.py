@@ -142,3 +142,33 @@ def test_a_processor_that_does_not_fit_the_model_is_refused(tmp_path):
         build_processor(ModelArguments(model_config="x.json", processor=str(tmp_path / "proc")), config)
     fitted = build_processor(ModelArguments(model_config="x.json"), config)  # derived from the config
     assert fitted.image_processor.size["longest_edge"] == 32 and fitted.image_processor.mask_size["longest_edge"] == 64
+
+
+def test_a_model_from_random_weights_gets_metas_initialisation_and_adapters_keep_theirs(tmp_path):
+    """transformers' SAM init (std 1e-10 in the ViT) gives mask logits near 1e-6 that barely train; Meta's
+    (PyTorch's default layer init, N(0, 1) position frequencies) gives O(1) logits. Adapter init is untouched."""
+    import torch
+    from model_setup import build_model
+    from run_config import ModelArguments
+
+    from modeling_dbsam import DBSamConfig, DBSamModel
+
+    torch.manual_seed(0)
+    model = build_model(ModelArguments(model_config=str(write_tiny_model_config(tmp_path / "model.json"))))
+    torch.manual_seed(0)
+    stock = DBSamModel(DBSamConfig(**tiny_sam_config_dict()))
+    qkv = model.vision_encoder.layers[0].attn.qkv.weight
+    bound = qkv.shape[1] ** -0.5  # kaiming_uniform(a=sqrt(5)) as nn.Linear.reset_parameters draws it
+    assert qkv.abs().max() <= bound and qkv.std() > 0.4 * bound
+    assert stock.vision_encoder.layers[0].attn.qkv.weight.abs().max() < 1e-8
+    assert 0.7 < model.shared_image_embedding.positional_embedding.std() < 1.4
+    assert model.mask_decoder.mask_tokens.weight.std() > 0.5  # nn.Embedding's N(0, 1)
+    built, adapter_names = dict(model.named_parameters()), set(stock.adapter_parameter_names())
+    for name, parameter in stock.named_parameters():
+        if name in adapter_names:
+            assert torch.equal(built[name], parameter), name
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32), "input_boxes": torch.tensor([[[2.0, 3, 20, 25]]] * 2)}
+    with torch.no_grad():
+        logits = model.eval()(**inputs, multimask_output=False).pred_masks
+        stock_logits = stock.eval()(**inputs, multimask_output=False).pred_masks
+    assert logits.std() > 1e-2 and stock_logits.std() < 1e-4

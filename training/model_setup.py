@@ -23,8 +23,27 @@ def build_model(args: ModelArguments) -> DBSamModel:
     overrides = args.config_overrides()
     if args.model_config is not None:
         config_dict = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
-        return DBSamModel(DBSamConfig.from_dict(config_dict, **overrides))
+        model = DBSamModel(DBSamConfig.from_dict(config_dict, **overrides))
+        reset_sam_layers(model)
+        return model
     return DBSamModel.from_pretrained(args.model, **overrides)
+
+
+def reset_sam_layers(model: DBSamModel) -> None:
+    """Give SAM's layers of a model trained from random weights PyTorch's default initialisation, as Meta's
+    segment-anything has them; DB-SAM's adapters keep their own.
+
+    transformers' SAM initialisation (normal, std 0.02; 1e-10 in the ViT) is made to be overwritten by a
+    checkpoint: its ViT outputs almost nothing and its mask logits start near 1e-6. From it, the tiny test
+    model, all of it trainable, did not learn to fill a box on blank images in 300 steps (DSC 0); from
+    PyTorch's it reached DSC 0.59 (docs/training.md, "The quickstart").
+    """
+    adapters = {id(module) for module in model.adapter_modules()}
+    for module in model.modules():
+        if id(module) in adapters:
+            continue
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Embedding)):
+            module.reset_parameters()
 
 
 def build_processor(args: ModelArguments, config: DBSamConfig) -> SamProcessor:
