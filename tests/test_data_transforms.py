@@ -162,3 +162,40 @@ def test_uint8_output_normalised_later_equals_normalised_output_through_workers(
     assert torch.equal(pixel_values, normalised["pixel_values"])
     with pytest.raises(ValueError, match="normalize=False needs a SamImageProcessorPil"):
         SamBoxTransform(SamImageProcessorPil(do_pad=False), normalize=False)
+
+
+def test_horizontal_flip_mirrors_image_mask_and_box():
+    rows = _rows([(64, 64), (48, 80)], rgb=True)
+    batch = rows[:]
+    processor = tiny_processor()
+    flipped = SamBoxTransform(processor, fixed_shift=9, horizontal_flip=1.0)(dict(batch))
+    mirrored = dict(
+        batch,
+        image=[np.asarray(image)[:, ::-1] for image in batch["image"]],
+        mask=[np.asarray(mask)[:, ::-1] for mask in batch["mask"]],
+    )
+    expected = SamBoxTransform(processor, fixed_shift=9)(mirrored)
+    for key in ("pixel_values", "labels", "input_boxes", "reshaped_input_sizes"):
+        assert torch.equal(flipped[key], expected[key]), key
+    # Known answer: the box of the mirrored mask is the mirrored box, x -> (W - 1) - x, in the model's frame.
+    plain = SamBoxTransform(processor, fixed_shift=9)(dict(batch))["input_boxes"][:, 0]
+    scale = flipped["reshaped_input_sizes"][:, 1] / flipped["original_sizes"][:, 1]
+    width = (flipped["original_sizes"][:, 1] - 1) * scale
+    assert torch.allclose(flipped["input_boxes"][:, 0, 0], width - plain[:, 2])
+    assert torch.allclose(flipped["input_boxes"][:, 0, 2], width - plain[:, 0])
+    assert torch.equal(flipped["input_boxes"][:, 0, 1::2], plain[:, 1::2])
+
+
+def test_random_flips_are_seeded_per_example_and_epoch():
+    rows = _rows([(40, 64)] * 12, rgb=True)
+    transform = SamBoxTransform(tiny_processor(), max_shift=0, horizontal_flip=0.5, seed=5)
+    plain = rows.with_transform(SamBoxTransform(tiny_processor(), max_shift=0))[:]["pixel_values"]
+    first = rows.with_transform(transform)[:]["pixel_values"]
+    flipped = [not torch.equal(a, b) for a, b in zip(first, plain)]
+    assert 0 < sum(flipped) < len(flipped)  # 12 draws at p = 0.5: both outcomes occur for this seed
+    reordered = rows.select(list(range(11, -1, -1))).with_transform(transform)[:]["pixel_values"]
+    assert torch.equal(reordered, first.flip(0))  # an example's flip does not depend on its position
+    transform.set_epoch(1)
+    assert not torch.equal(rows.with_transform(transform)[:]["pixel_values"], first)
+    with pytest.raises(ValueError, match=r"horizontal_flip is a probability in \[0, 1\], got 1.5"):
+        SamBoxTransform(tiny_processor(), horizontal_flip=1.5)

@@ -42,7 +42,7 @@ def test_yaml_values_are_typed_and_the_command_line_overrides_them(tmp_path, bas
 def test_paper_recipe_matches_the_paper(tmp_path, data_dir):
     values = yaml.safe_load((TRAINING_DIR / "configs" / "paper.yaml").read_text())
     assert values["learning_rate"] == pytest.approx(1e-4) and values["weight_decay"] == pytest.approx(0.01)
-    assert values["num_train_epochs"] == 12 and values["max_box_shift"] == 20
+    assert values["num_train_epochs"] == 12 and values["max_box_shift"] == 20 and values["horizontal_flip"] == 0
     assert values["adapter_dropout"] == values["adapter_drop_path_rate"] == pytest.approx(0.4)
     assert values["bf16"] or values.get("fp16")
     config = parse_config(
@@ -69,6 +69,7 @@ def test_paper_recipe_matches_the_paper(tmp_path, data_dir):
         ({"resume_from_checkpoint": "latest"}, "resume_from_checkpoint latest: no complete checkpoint in"),
         ({"lr_end": 1.0}, "lr_end must be in [0, learning_rate)"),
         ({"report_to": "tensorbored"}, "report_to must be one of"),
+        ({"horizontal_flip": 2}, "horizontal_flip must be in [0, 1], got 2"),
     ],
 )
 def test_config_errors_name_the_problem(tmp_path, base, change, message):

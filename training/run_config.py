@@ -77,6 +77,10 @@ class DataArguments:
     max_box_shift: int = field(
         default=20, metadata={"help": "Box jitter: each side moves out by randint(0, max_box_shift) px at 256 px."}
     )
+    horizontal_flip: float = field(
+        default=0.0,
+        metadata={"help": "Probability of mirroring a training example left-right (the paper uses no augmentation)."},
+    )
 
 
 @dataclass
@@ -303,6 +307,7 @@ def validate(config: RunConfig) -> None:
             f"eval_split {data.eval_split!r} not in {data_path} (splits: {splits}); or set eval_strategy: no",
         )
     _check(data.max_box_shift >= 0, f"max_box_shift must be >= 0, got {data.max_box_shift}")
+    _check(0.0 <= data.horizontal_flip <= 1.0, f"horizontal_flip must be in [0, 1], got {data.horizontal_flip}")
 
     _check(train.output_dir is not None, "output_dir is required")
     _check(train.max_steps > 0 or train.num_train_epochs > 0, "set num_train_epochs > 0 or max_steps > 0")

@@ -120,6 +120,7 @@ class Training:
         self.transform = SamBoxTransform(
             self.processor,
             max_shift=config.data.max_box_shift,
+            horizontal_flip=config.data.horizontal_flip,
             seed=args.seed,
             normalize=self.pixels is None,
             passthrough=(),

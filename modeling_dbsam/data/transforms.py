@@ -71,6 +71,9 @@ class SamBoxTransform:
     workers, which copy the transform when each epoch starts), and a resumed run sees the same boxes.
     Pass ``collate_fn=collate_batch`` to the DataLoader to skip a copy of every batch.
 
+    ``horizontal_flip=p`` mirrors image and mask left-right with probability ``p`` before the box is
+    drawn, seeded like the jitter (training augmentation; the paper uses none, so the default is 0).
+
     Returns, for a batch of B rows:
 
     - ``pixel_values``: (B, 3, S, S) float32, normalised and padded exactly as ``processor`` does
@@ -93,11 +96,14 @@ class SamBoxTransform:
         shift_resolution: int | None = 256,
         seed: int = 0,
         epoch: int = 0,
+        horizontal_flip: float = 0.0,
         normalize: bool = True,
         passthrough: Sequence[str] = PASSTHROUGH,
     ):
         if max_shift < 0 or (fixed_shift is not None and fixed_shift < 0):
             raise ValueError(f"shifts must be >= 0, got max_shift={max_shift}, fixed_shift={fixed_shift}")
+        if not 0.0 <= horizontal_flip <= 1.0:
+            raise ValueError(f"horizontal_flip is a probability in [0, 1], got {horizontal_flip}")
         self.processor = processor
         self.pixels = SamPixels(processor) if SamPixels.supports(processor) else None
         if not normalize and self.pixels is None:
@@ -107,17 +113,19 @@ class SamBoxTransform:
             )
         self.max_shift, self.fixed_shift, self.shift_resolution = max_shift, fixed_shift, shift_resolution
         self.seed, self.epoch, self.normalize = seed, epoch, normalize
+        self.horizontal_flip = horizontal_flip
         self.passthrough = tuple(passthrough)
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw new jitter for every example from now on (call once per epoch)."""
+        """Draw new jitter and flips for every example from now on (call once per epoch)."""
         self.epoch = epoch
 
-    def _boxes(self, batch: dict, masks: list[np.ndarray]) -> np.ndarray:
+    def _augment_and_box(self, batch: dict, images: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
+        """Flip examples in place where drawn, then draw each box from its (possibly flipped) mask."""
         boxes = []
         for index, mask in enumerate(masks):
             rng = None
-            if self.fixed_shift is None and self.max_shift > 0:
+            if self.horizontal_flip > 0 or (self.fixed_shift is None and self.max_shift > 0):
                 rng = example_rng(
                     self.seed,
                     self.epoch,
@@ -126,7 +134,10 @@ class SamBoxTransform:
                     batch["slice_index"][index],
                     batch["label"][index],
                 )
-            boxes.append(box_prompt(mask, self.max_shift, rng, self.fixed_shift, self.shift_resolution))
+            if self.horizontal_flip > 0 and rng.random() < self.horizontal_flip:
+                images[index] = np.ascontiguousarray(images[index][:, ::-1])
+                masks[index] = np.ascontiguousarray(mask[:, ::-1])
+            boxes.append(box_prompt(masks[index], self.max_shift, rng, self.fixed_shift, self.shift_resolution))
         return np.stack(boxes).astype(np.float64)
 
     def __call__(self, batch: dict[str, list]) -> dict:
@@ -142,7 +153,7 @@ class SamBoxTransform:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"{source}: image must be H x W x 3 uint8, got {image.shape} {image.dtype}")
             masks.append(check_object_mask(np.asarray(mask), image.shape[:2], source))
-        boxes = self._boxes(batch, masks)
+        boxes = self._augment_and_box(batch, images, masks)
         if self.pixels is not None:
             outputs = self._fast(images, masks, boxes)
         else:
