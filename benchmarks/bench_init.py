@@ -1,6 +1,6 @@
 """Does a SAM trained from random weights learn to follow a box? transformers' initialisation against Meta's.
 
-    python benchmarks/bench_init.py                 # 300 steps, 3 seeds
+    python benchmarks/bench_init.py                 # 300 steps, 3 seeds (about 10 minutes on 2 cores)
     python benchmarks/bench_init.py --steps 50      # a quick check that the script runs
 
 The task needs nothing but the prompt: blank images, and the target is the box itself. The tiny test
