@@ -10,7 +10,7 @@ output is 12 MB of float32 per image. :class:`SamPixels` gives the same ``pixel_
 - everything is written straight into the batch tensor (in shared memory inside DataLoader workers).
 
 With ``normalize=False`` the batch stays uint8 (3 MB per 1024 px image): a data loader then only
-resizes, and :meth:`SamPixels.normalize` applies the table on the accelerator, where it costs nothing.
+resizes, and :meth:`SamPixels.normalize` applies the table on the accelerator, as one gather per channel.
 That is what lets two CPU cores feed a ViT-B training step (see docs/benchmarks.md, "Data pipeline").
 """
 

@@ -148,7 +148,7 @@ def encode_images(
     """Run the image encoder once on a batch of H x W x 3 uint8 images."""
     dtype, device = _model_dtype_and_device(model)
     images = [np.asarray(image) for image in images]
-    if SamPixels.supports(processor):  # the processor's values, ~7x cheaper; normalised on the device
+    if SamPixels.supports(processor):  # the processor's values, cheaper; normalised on the device
         pixels = SamPixels(processor)
         inputs = pixels(images, normalize=device.type == "cpu")
         if device.type != "cpu":

@@ -1,8 +1,8 @@
 """Rows of the MedSAM schema to model inputs: the transform for ``Dataset.with_transform``.
 
 The output equals what the model's own ``SamProcessor`` gives for the same image, mask and box,
-bit for bit; the pixels come from :class:`modeling_dbsam.pixels.SamPixels`, about 7x cheaper than the
-processor, and with ``normalize=False`` stay uint8 for normalising on the accelerator. Any other image
+bit for bit; the pixels come from :class:`modeling_dbsam.pixels.SamPixels`, 2-15x cheaper than the
+processor (docs/benchmarks.md, "Data pipeline"), and with ``normalize=False`` stay uint8 for normalising on the accelerator. Any other image
 processor falls back to calling the processor.
 """
 
