@@ -1,7 +1,7 @@
 """Rows of the MedSAM schema to model inputs: the transform for ``Dataset.with_transform``.
 
 The output equals what the model's own ``SamProcessor`` gives for the same image, mask and box,
-bit for bit; the pixels come from :class:`modeling_dbsam.pixels.SamPixels`, 2-15x cheaper than the
+bit for bit; the pixels come from :class:`modeling_dbsam.pixels.SamPixels`, 2-10x cheaper than the
 processor (docs/benchmarks.md, "Data pipeline"), and with ``normalize=False`` stay uint8 for normalising on the accelerator. Any other image
 processor falls back to calling the processor.
 """
