@@ -1,11 +1,14 @@
 """Build the small real dataset in ``data/sample/`` from Debian's mricron-data brain MR and AAL atlas.
 
 The Colin27 T1 MR (``ch2.nii.gz``, 1 mm) and the AAL atlas (``aal.nii.gz``) share one grid (checked;
-the labels would otherwise be resampled onto the MR with nearest neighbour). Six large structures
-exist in both hemispheres; each left/right pair becomes one label value. The left hemisphere is the
-training case and the right hemisphere the test case (the other half of the head zeroed), so no
-voxel is in both splits. The two cases go through ``prepare_raw_dataset`` exactly as a user's data
-would (nnU-Net layout, imagesTs as the test split).
+the labels would otherwise be resampled onto the MR with nearest neighbour). Eight structures, each
+in the left and the right hemisphere (16 label values), are labelled on whole-head axial slices.
+There is one subject, so the splits are by slab: the labelled z range is cut into slabs of
+``SLAB`` slices with ``GAP`` unlabelled slices between neighbours (adjacent 1 mm slices are
+near-duplicates); every fourth slab is a test case (``imagesTs``), and the others are split into
+train and validation by the project's seeded case split (0.8 / 0.2). No slice is in two splits, and
+each split spans the head from the temporal lobes to the vertex, so a model cannot learn a split's
+position. The cases go through ``prepare_raw_dataset`` exactly as a user's data would.
 
     python scripts/make_sample.py --out data/sample --overwrite
 """
@@ -22,7 +25,21 @@ import SimpleITK as sitk
 from modeling_dbsam.data import prepare_raw_dataset
 
 TEMPLATES = Path("/usr/share/mricron/templates")
-STRUCTURES = ("Precentral", "Frontal_Sup", "Frontal_Mid", "Postcentral", "Precuneus", "Temporal_Mid")
+STRUCTURES = (
+    "Precentral",
+    "Frontal_Sup",
+    "Frontal_Mid",
+    "Postcentral",
+    "Precuneus",
+    "Temporal_Mid",
+    "Insula",
+    "Cingulum_Mid",
+)
+SIDES = ("L", "R")
+SLAB, GAP = 8, 2  # slices per case, unlabelled slices between neighbouring cases
+TEST_EVERY = 4  # slabs 1, 5, 9, ... are test cases
+VALIDATION_SPLIT = "0.8,0.2,0"  # of the other slabs, by modeling_dbsam.data.splits
+VALIDATION_SEED = 1  # seed 0 puts the two smallest slabs (32 examples) in validation; 1 gives 154
 NOTES = """\
 ## Provenance and licence
 
@@ -31,8 +48,12 @@ Made by `python scripts/make_sample.py` from Debian's `mricron-data` package
 Montreal Neurological Institute, and `aal.nii.gz`, the Automated Anatomical Labeling atlas of
 Tzourio-Mazoyer et al., NeuroImage 15:273-289, 2002), distributed there under the BSD-3-clause
 licence (Copyright 2006-2010 Chris Rorden; see /usr/share/doc/mricron-data/copyright). The same
-terms apply to this derivative. Train: the left hemisphere; test: the right hemisphere of the
-one subject. A demonstration set for quick starts and tests, not a benchmark."""
+terms apply to this derivative. One subject, whole-head axial slices, split by slab: each case is a
+slab of 8 axial slices (z index in its case id), 2 unlabelled slices between neighbouring slabs;
+every fourth slab is a test case, the others were split into train and validation by a seeded
+shuffle of cases (seed 1). Test slices are never training slices, but they are slices of the same
+brain: a test of generalising across the head, not across subjects. A demonstration set for quick
+starts, experiments and tests, not a benchmark."""
 
 LICENCE = """\
 Derived from Debian's mricron-data templates (ch2.nii.gz, aal.nii.gz); per
@@ -85,30 +106,27 @@ def _on_grid(labels: sitk.Image, image: sitk.Image) -> sitk.Image:
     return sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
 
 
-def write_hemisphere_cases(raw_dir: Path) -> dict[int, str]:
-    """Write the two hemisphere cases in the nnU-Net layout; return label value -> structure name."""
+def write_slab_cases(raw_dir: Path) -> dict[int, str]:
+    """Write one case per slab in the nnU-Net layout; return label value -> structure name."""
     image = sitk.ReadImage(str(TEMPLATES / "ch2.nii.gz"))
     atlas = sitk.GetArrayFromImage(_on_grid(sitk.ReadImage(str(TEMPLATES / "aal.nii.gz")), image))
     ids = _atlas_ids(TEMPLATES / "aal.nii.txt")
-    merged = np.zeros(atlas.shape, np.uint8)
-    for value, name in enumerate(STRUCTURES, start=1):
-        merged[np.isin(atlas, [ids[f"{name}_L"], ids[f"{name}_R"]])] = value
-    left_x = np.nonzero(atlas == ids[f"{STRUCTURES[0]}_L"])[2].mean()
-    right_x = np.nonzero(atlas == ids[f"{STRUCTURES[0]}_R"])[2].mean()
-    columns = np.arange(atlas.shape[2])
-    midline = (left_x + right_x) / 2
-    pixels = sitk.GetArrayFromImage(image)
-    for case, keep, folder in (
-        ("colin27_left", (columns < midline) == (left_x < midline), "Tr"),
-        ("colin27_right", (columns < midline) == (right_x < midline), "Ts"),
-    ):
-        for kind, array, name in (("images", pixels, f"{case}_0000"), ("labels", merged, case)):
-            half = np.where(keep[None, None, :], array, 0).astype(array.dtype)
-            out = sitk.GetImageFromArray(half)
-            out.CopyInformation(image)
+    names = [f"{name}_{side}" for name in STRUCTURES for side in SIDES]
+    labels = np.zeros(atlas.shape, np.uint8)
+    for value, name in enumerate(names, start=1):
+        labels[atlas == ids[name]] = value
+    labelled = np.nonzero(labels.any(axis=(1, 2)))[0]
+    for index, start in enumerate(range(labelled.min(), labelled.max() + 1, SLAB + GAP)):
+        slab = np.zeros(labels.shape[0], bool)
+        slab[start : start + SLAB] = True
+        folder = "Ts" if index % TEST_EVERY == 1 else "Tr"
+        case = f"colin27_z{start:03d}"
+        out = sitk.GetImageFromArray(np.where(slab[:, None, None], labels, 0).astype(np.uint8))
+        out.CopyInformation(image)
+        for kind, item, name in (("images", image, f"{case}_0000"), ("labels", out, case)):
             (raw_dir / f"{kind}{folder}").mkdir(parents=True, exist_ok=True)
-            sitk.WriteImage(out, str(raw_dir / f"{kind}{folder}" / f"{name}.nii.gz"), useCompression=True)
-    return {value: name.replace("_", " ") for value, name in enumerate(STRUCTURES, start=1)}
+            sitk.WriteImage(item, str(raw_dir / f"{kind}{folder}" / f"{name}.nii.gz"), useCompression=True)
+    return {value: name.replace("_", " ") for value, name in enumerate(names, start=1)}
 
 
 def main() -> None:
@@ -119,13 +137,15 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         raw_dir = Path(work) / "colin27_aal"
-        label_names = write_hemisphere_cases(raw_dir)
+        label_names = write_slab_cases(raw_dir)
         report = prepare_raw_dataset(
             raw_dir,
             args.out,
             modality="MR-T1",
             task="MR-T1 Brain Structures (AAL)",
             size=args.size,
+            split=VALIDATION_SPLIT,
+            seed=VALIDATION_SEED,
             overwrite=args.overwrite,
             label_names=label_names,
             card_notes=NOTES,

@@ -1,24 +1,56 @@
-"""The committed sample dataset (data/sample) loads fast and holds what its card and script promise."""
+"""The committed real datasets (data/sample: brain MR; data/nuclei: microscopy) hold what their cards and scripts promise."""
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from modeling_dbsam.data import FEATURES, load_medsam_dataset
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+DATA = Path(__file__).resolve().parents[1] / "data"
+SAMPLE, NUCLEI = DATA / "sample", DATA / "nuclei"
 
 
-def test_sample_splits_counts_and_geometry():
+def _card_row(ds, task: str, modality: str, dim: str) -> str:
+    cells = [task, modality, dim]
+    for split in ("train", "validation", "test"):
+        cells += [str(len(set(ds[split]["case_id"]))), str(ds[split].num_rows)]
+    return "| " + " | ".join(cells) + " |"
+
+
+@pytest.mark.parametrize(
+    ("folder", "task", "modality", "dim", "licence"),
+    [
+        (SAMPLE, "MR-T1 Brain Structures (AAL)", "MR-T1", "3D", "bsd-3-clause"),
+        (NUCLEI, "Microscopy Nuclei (DSB 2018)", "Microscopy", "2D", "cc0-1.0"),
+    ],
+)
+def test_splits_match_card_and_share_no_case(folder, task, modality, dim, licence):
+    ds = load_medsam_dataset(folder)
+    assert sorted(ds) == ["test", "train", "validation"] and ds["train"].features == FEATURES
+    card = (folder / "README.md").read_text()
+    assert _card_row(ds, task, modality, dim) in card
+    assert licence in card and (folder / "LICENSE").is_file()
+    cases = {split: set(ds[split]["case_id"]) for split in ds}
+    assert not cases["train"] & cases["test"] and not cases["train"] & cases["validation"]
+    assert not cases["validation"] & cases["test"]
+
+
+def test_brain_slabs_cover_the_whole_head_and_share_no_slice():
+    """Whole-head slices (both hemispheres) in every split, slabs separated by unlabelled slices."""
     ds = load_medsam_dataset(SAMPLE)
-    assert sorted(ds) == ["test", "train"] and ds["train"].features == FEATURES
-    assert set(ds["train"]["case_id"]) == {"colin27_left"} and set(ds["test"]["case_id"]) == {"colin27_right"}
-    card = (SAMPLE / "README.md").read_text()
-    row = f"| MR-T1 Brain Structures (AAL) | MR-T1 | 3D | 1 | {ds['train'].num_rows} | 1 | {ds['test'].num_rows} |"
-    assert row in card and 200 <= ds["train"].num_rows <= 600
-    assert "bsd-3-clause" in card and (SAMPLE / "LICENSE").is_file()
-    for split in ds.values():
-        assert set(split["label"]) == set(range(1, 7))  # the six structures in both hemispheres
+    slices = {split: set(ds[split]["slice_index"]) for split in ds}
+    for a in slices:
+        for b in slices:
+            if a < b:
+                gaps = np.abs(np.subtract.outer(sorted(slices[a]), sorted(slices[b])))
+                assert gaps.min() >= 3  # 2 unlabelled slices between slabs of different splits
+    for split in ds:
+        labels = set(ds[split]["label"])
+        assert {1, 2} <= labels or {11, 12} <= labels  # left and right structures alike
+        image = np.asarray(ds[split][0]["image"])[..., 0]
+        columns = np.nonzero(image.max(axis=0) > 20)[0]
+        assert columns.max() - columns.min() > 80  # the whole head, not half of it
     example = ds["train"][0]
     image, mask = np.asarray(example["image"]), np.asarray(example["mask"])
     assert image.shape == (128, 128, 3) and mask.shape == (128, 128) and mask.sum() >= 100
@@ -26,13 +58,12 @@ def test_sample_splits_counts_and_geometry():
     assert example["spacing"] == [1.0, 217 / 128, 181 / 128]
 
 
-def test_hemispheres_do_not_overlap():
-    """Train images hold one half of the head and test images the other half."""
-    ds = load_medsam_dataset(SAMPLE)
-    columns = {}
+def test_nuclei_no_nucleus_in_two_splits():
+    """Tiles of one image: every nucleus mask lies inside its own tile and the test tiles are one quadrant."""
+    ds = load_medsam_dataset(NUCLEI)
     for split in ds:
-        images = [np.asarray(ds[split][i]["image"])[..., 0] for i in range(0, ds[split].num_rows, 25)]
-        columns[split] = np.nonzero(np.max(images, axis=(0, 1)))[0]
-    shared = np.intersect1d(columns["train"], columns["test"])
-    assert shared.size <= 1  # the midline column, blended by the bicubic resize
-    assert columns["train"].size > 50 and columns["test"].size > 50
+        for row in ds[split]:
+            image, mask = np.asarray(row["image"]), np.asarray(row["mask"])
+            assert image.shape == (128, 128, 3) and mask.sum() >= 100
+    test_tiles = {case[-4:] for case in ds["test"]["case_id"]}
+    assert test_tiles == {"r2c2", "r2c3", "r3c2", "r3c3"}
