@@ -389,6 +389,41 @@ def run_cases(
                 progress.update(len(case.slices))
 
 
+def box_filling_cases(dataset, protocol: Protocol) -> list[CaseResult]:
+    """Every case scored with "filling the box" as the prediction: the evaluation's box prompt itself as the mask.
+
+    The baseline a box-prompted model must beat to be worth using: for compact structures it is strong.
+    """
+    cases, meta = index_cases(dataset)
+    results = []
+    for case in cases:
+        rows = [row for rows in case.slices.values() for row in rows]
+        examples = []
+        for row, mask in zip(rows, dataset.select_columns(["mask"])[rows]["mask"]):
+            gt = _mask_to_grid(np.asarray(mask), protocol.resolution)
+            filled = np.zeros_like(gt)
+            if gt.any():
+                x0, y0, x1, y1 = np.round(
+                    box_prompt(gt, fixed_shift=protocol.box_shift, resolution=protocol.box_resolution)
+                ).astype(int)
+                filled[y0 : y1 + 1, x0 : x1 + 1] = True
+            spacing = meta["spacing"][row]
+            examples.append(
+                _Example(
+                    task=meta["task"][row],
+                    modality=meta["modality"][row],
+                    dimension=meta["dimension"][row],
+                    label=int(meta["label"][row]),
+                    slice_index=int(meta["slice_index"][row]),
+                    spacing=None if spacing is None else tuple(float(s) for s in spacing),
+                    gt=gt,
+                    pred=filled,
+                )
+            )
+        results.append(score_case(case.case_id, examples, protocol))
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # Output folder: identity, resume, refusal
 # ---------------------------------------------------------------------------------------------
