@@ -20,7 +20,11 @@ DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="image file, volume file or DICOM series folder")
-    parser.add_argument("--model", required=True, help="folder of a saved DB-SAM (or SAM) model with its processor")
+    parser.add_argument(
+        "--model",
+        help="folder of a saved DB-SAM (or SAM) model with its processor (default: the small demonstration "
+        "DB-SAM shipped with the package, fine-tuned on brain MR)",
+    )
     parser.add_argument(
         "--box",
         help="inclusive voxel indices (x = column, y = row, z = slice): x0,y0,z0,x1,y1,z1 for a volume "
@@ -102,6 +106,17 @@ def check_model_folder(folder: str) -> None:
         )
 
 
+def default_model() -> str:
+    """The shipped demonstration model, announced on every use (what it is, how to pass a real one)."""
+    import sys
+
+    from modeling_dbsam.pretrained import DEFAULT_MODEL_NOTICE, default_model_folder
+
+    folder = default_model_folder()
+    print(DEFAULT_MODEL_NOTICE.format(folder=folder), file=sys.stderr)
+    return str(folder)
+
+
 def check_device(device: str) -> None:
     import torch
 
@@ -142,6 +157,8 @@ def check_request(args: argparse.Namespace) -> Request:
     check_output("--output", args.output, IMAGE_OUTPUTS, args.overwrite)
     if args.overlay is not None:
         check_output("--overlay", args.overlay, (".png",), args.overwrite, what="the overlay, a PNG picture")
+    if args.model is None:
+        args.model = default_model()
     check_model_folder(args.model)
     check_device(args.device)
 
@@ -227,6 +244,11 @@ def run(args: argparse.Namespace) -> int:
     slices = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1)) if mask.ndim == 3 else []
     where = f" in slices {slices.min()}..{slices.max()}" if len(slices) else ""
     print(f"wrote {args.output}: {int(mask.sum())} voxels{where}")
+    if not mask.any():
+        print(
+            "warning: the mask is EMPTY: the model found nothing in the box. Check the box (x = column, y = row, "
+            "z = slice), the intensity rule (--modality, --window), and that the model was trained on such images"
+        )
     if args.overlay:
         save_overlay(args.overlay, shown, mask, overwrite=args.overwrite, max_panels=args.overlay_slices)
         print(f"wrote {args.overlay}")
