@@ -169,12 +169,22 @@ def segment_volume(
     return mask.astype(np.uint8)
 
 
+MASK_COLOUR, PROMPT_COLOUR = (255, 128, 0), (0, 220, 255)  # orange outline, cyan box
+
+
 def overlay_montage(
-    image: np.ndarray, mask: np.ndarray, max_panels: int = 16, columns: int = 4, panel_size: int = 256
+    image: np.ndarray,
+    mask: np.ndarray,
+    max_panels: int = 16,
+    columns: int = 4,
+    panel_size: int = 256,
+    box: Sequence[float] | None = None,
 ) -> np.ndarray:
     """An RGB montage of up to ``max_panels`` slices with the mask outlined; slices that hold the mask first.
 
-    ``image`` is uint8 ``(y, x)``, ``(y, x, 3)`` or ``(z, y, x)``; ``mask`` has its spatial shape.
+    ``image`` is uint8 ``(y, x)``, ``(y, x, 3)`` or ``(z, y, x)``; ``mask`` has its spatial shape. ``box`` (the
+    prompt: ``x0, y0, x1, y1``, or ``x0, y0, z0, x1, y1, z1`` for a volume) is drawn in cyan on the slices it
+    spans. An empty mask is written on every panel, so that it cannot be mistaken for a missed outline.
     """
     volume, masks = (image[None], mask[None]) if mask.ndim == 2 else (image, mask)
     if volume.shape[:3] != masks.shape:
@@ -183,7 +193,11 @@ def overlay_montage(
     candidates = holding if holding.size else np.arange(len(volume))
     picks = np.linspace(0, len(candidates) - 1, min(max_panels, len(candidates))).round().astype(int)
     chosen = candidates[np.unique(picks)]
-    panels = [_outlined_panel(volume[z], masks[z], panel_size, f"z={z}" if len(volume) > 1 else "") for z in chosen]
+    empty = not holding.size
+    panels = []
+    for z in chosen:
+        label = f"z={z}" if len(volume) > 1 else ""
+        panels.append(_outlined_panel(volume[z], masks[z], panel_size, label, _box_on_slice(box, z), empty))
     columns = min(columns, len(panels))
     rows = -(-len(panels) // columns)
     height, width = panels[0].shape[:2]
@@ -194,18 +208,42 @@ def overlay_montage(
     return montage
 
 
-def _outlined_panel(image: np.ndarray, mask: np.ndarray, panel_size: int, label: str) -> np.ndarray:
-    """One slice scaled to fit ``panel_size``, the mask's outline drawn in orange at display resolution."""
+def _box_on_slice(box: Sequence[float] | None, z: int) -> tuple[float, float, float, float] | None:
+    """The 2D box to draw on slice ``z``: a 2D box everywhere, a 3D box on the slices it spans."""
+    if box is None:
+        return None
+    if len(box) == 4:
+        return tuple(box)
+    x0, y0, z0, x1, y1, z1 = box
+    return (x0, y0, x1, y1) if z0 <= z <= z1 else None
+
+
+def _outlined_panel(
+    image: np.ndarray,
+    mask: np.ndarray,
+    panel_size: int,
+    label: str,
+    box: tuple[float, float, float, float] | None = None,
+    empty: bool = False,
+) -> np.ndarray:
+    """One slice scaled to fit ``panel_size``, the mask's outline drawn in orange at display resolution, the box
+    prompt in cyan, and "empty mask" in red when the whole prediction is empty."""
     scale = panel_size / max(image.shape[:2])
     size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
     panel = Image.fromarray(gray_to_rgb(image)).resize(size, Image.Resampling.BILINEAR)
     shown = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
     outline = shown & ~ndimage.binary_erosion(shown, iterations=2)
     pixels = np.array(panel)
-    pixels[outline] = (255, 128, 0)
+    pixels[outline] = MASK_COLOUR
     panel = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(panel)
+    if box is not None:
+        x0, y0, x1, y1 = (value * scale for value in box)
+        draw.rectangle((x0, y0, x1 + scale - 1, y1 + scale - 1), outline=PROMPT_COLOUR)
     if label:
-        ImageDraw.Draw(panel).text((4, 4), label, fill=(255, 255, 0))
+        draw.text((4, 4), label, fill=(255, 255, 0))
+    if empty:
+        draw.text((4, size[1] - 14), "empty mask", fill=(255, 60, 60))
     return np.asarray(panel)
 
 

@@ -182,7 +182,7 @@ def evaluate(model: SamModel, processor, scenes: list) -> dict[str, float]:
 
 MODEL_CARD = """\
 ---
-license: bsd-3-clause
+license: apache-2.0
 tags:
 - segment-anything
 - db-sam

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Quickstart (CPU, a few minutes): train a small, randomly initialised DB-SAM and the decoder-only
-# (MedSAM-style) baseline on the real brain-MR sample in data/sample/, score both with `dbsam evaluate`
-# (per-task DSC / NSD, paper protocol) and draw their predictions. A demonstration of the pipeline, not the
-# paper's result: see docs/training.md. Everything goes to outputs/quickstart/ (replaced on every run).
+# Quickstart (CPU, a few minutes): from the small SAM shipped in modeling_dbsam/pretrained/small-sam
+# (pretrained here on generated scenes; its ViT frozen as the paper freezes SAM ViT-B), fine-tune DB-SAM and
+# the decoder-only (MedSAM-style) baseline on the real brain-MR sample in data/sample/ (model selection on its
+# validation slabs), score both on the test slabs with `dbsam evaluate` (DSC / NSD, paper protocol) and draw
+# their predictions. A small model's result, not the paper's: docs/experiments.md has the full ablation.
+# Everything goes to outputs/quickstart/ (replaced on every run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=outputs/quickstart

@@ -3,10 +3,13 @@
 From a pretrained SAM (by default the small SAM shipped in ``modeling_dbsam/pretrained/small-sam``, frozen
 as the paper freezes ViT-B), fine-tune four models through ``training/train.py``'s public options:
 
-1. decoder-only: every DB-SAM switch off, SAM's mask decoder trained (the MedSAM baseline);
-2. + channel attention;
-3. + convolution branch and bilateral cross-attention;
-4. + fusion: the full DB-SAM.
+1. decoder-only: every DB-SAM switch off, only SAM's mask decoder trained (the MedSAM baseline of the
+   paper's Table 3);
+2. decoder + neck: as 1, plus SAM's neck, which the DB-SAM rows also train (the authors' code does), so
+   that the adapters' effect is not confounded with the neck's;
+3. + channel attention;
+4. + convolution branch and bilateral cross-attention;
+5. + fusion: the full DB-SAM.
 
 Each (row, seed) trains on ``--train_split``, is scored on ``--validation_split`` during training, and the
 best validation checkpoint is kept (model selection never reads the test split). Then each kept model
@@ -38,8 +41,14 @@ from modeling_dbsam.evaluation import PAPER, aggregate, box_filling_cases
 from modeling_dbsam.io import atomic_write
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-ROWS = {  # name -> DB-SAM switches (train.py options)
-    "decoder-only (MedSAM)": {"use_channel_attention": False, "use_conv_branch": False, "use_fusion": False},
+ROWS = {  # name -> DB-SAM switches (train.py options); the neck trains in every row but the first (authors' code)
+    "decoder-only (MedSAM)": {
+        "use_channel_attention": False,
+        "use_conv_branch": False,
+        "use_fusion": False,
+        "train_neck": False,
+    },
+    "decoder + neck": {"use_channel_attention": False, "use_conv_branch": False, "use_fusion": False},
     "+ channel attention": {"use_channel_attention": True, "use_conv_branch": False, "use_fusion": False},
     "+ conv branch & cross-attention": {"use_channel_attention": True, "use_conv_branch": True, "use_fusion": False},
     "+ fusion (DB-SAM)": {"use_channel_attention": True, "use_conv_branch": True, "use_fusion": True},

@@ -250,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
             "z = slice), the intensity rule (--modality, --window), and that the model was trained on such images"
         )
     if args.overlay:
-        save_overlay(args.overlay, shown, mask, overwrite=args.overwrite, max_panels=args.overlay_slices)
+        save_overlay(
+            args.overlay, shown, mask, overwrite=args.overwrite, max_panels=args.overlay_slices, box=request.box
+        )
         print(f"wrote {args.overlay}")
     return 0
