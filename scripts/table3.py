@@ -29,6 +29,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -148,7 +149,9 @@ def train_and_test(args: argparse.Namespace, row: str, seed: int) -> dict:
             evaluate_command(args, folder, f"{row} seed {seed}", folder / "test"),
             folder.parent / f"seed{seed}.test.log",
         )
-    return {"row": row, "seed": seed, "folder": str(folder), **json.loads(timing_file.read_text())}
+    selected = json.loads((folder / "eval_results.json").read_text())  # the kept checkpoint's validation scores
+    validation = {"validation_dsc": selected["metrics"]["dsc"], "selected_step": selected["step"]}
+    return {"row": row, "seed": seed, "folder": str(folder), **validation, **json.loads(timing_file.read_text())}
 
 
 def training_steps(args: argparse.Namespace) -> int:
@@ -207,6 +210,8 @@ def summarise(args: argparse.Namespace, runs: list[dict], zero_shot: Path, box: 
                 }
                 for label, scores in sorted(structures.items())
             },
+            "validation_dsc_mean": float(np.mean([r["validation_dsc"] for r in seeds])),
+            "selected_steps": [r["selected_step"] for r in seeds],
             "train_seconds_mean": float(np.mean([r["train_seconds"] for r in seeds])),
             "examples_per_second_mean": float(np.mean([r["examples_per_second"] for r in seeds])),
         }
@@ -255,17 +260,18 @@ def render_markdown(summary: dict) -> str:
     rows, refs, names = summary["rows"], summary["references"], summary["label_names"]
     box = refs["filling the box"]
     lines = [
-        "| model | seeds | DSC (%) | NSD (%) | train s / run | examples/s |",
-        "|---|---|---|---|---|---|",
+        "| model | seeds | test DSC (%) | test NSD (%) | validation DSC (%) | train s / run | examples/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row, values in rows.items():
         lines.append(
             f"| {row} | {len(values['seeds'])} | {100 * values['dsc_mean']:.1f} ± {100 * values['dsc_std']:.1f} | "
-            f"{100 * values['nsd_mean']:.1f} ± {100 * values['nsd_std']:.1f} | {values['train_seconds_mean']:.0f} | "
+            f"{100 * values['nsd_mean']:.1f} ± {100 * values['nsd_std']:.1f} | {100 * values['validation_dsc_mean']:.1f} | "
+            f"{values['train_seconds_mean']:.0f} | "
             f"{values['examples_per_second_mean']:.1f} |"
         )
     for name, values in refs.items():
-        lines.append(f"| {name} | - | {100 * values['dsc']:.1f} | {100 * values['nsd']:.1f} | - | - |")
+        lines.append(f"| {name} | - | {100 * values['dsc']:.1f} | {100 * values['nsd']:.1f} | - | - | - |")
     labels = sorted({label for values in rows.values() for label in values["structures"]}, key=int)
     header = "| structure | " + " | ".join(rows) + " | filling the box |"
     lines += ["", "Per structure, DSC (%) mean ± std over seeds:", "", header, "|" + "---|" * (len(rows) + 2)]
@@ -279,6 +285,11 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short_name(row: str) -> str:
+    """A tick label: the row's name without its parenthesis, wrapped."""
+    return textwrap.fill(row.split(" (")[0], 12)
+
+
 def render_figure(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -287,29 +298,28 @@ def render_figure(summary: dict, path: Path) -> None:
 
     rows, refs = summary["rows"], summary["references"]
     names = list(rows)
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 2.4]})
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 2.2]})
     positions = np.arange(len(names))
     for offset, (metric, colour) in enumerate((("dsc", "tab:blue"), ("nsd", "tab:orange"))):
+        x = positions + (offset - 0.5) * 0.25
         means = [100 * rows[n][f"{metric}_mean"] for n in names]
         stds = [100 * rows[n][f"{metric}_std"] for n in names]
-        axes[0].bar(
-            positions + (offset - 0.5) * 0.38, means, 0.38, yerr=stds, capsize=3, color=colour, label=metric.upper()
-        )
-        for seed_values in zip(*[rows[n][metric] for n in names]):
+        axes[0].errorbar(x, means, yerr=stds, fmt="o", capsize=4, color=colour, label=f"test {metric.upper()}")
+        for index, name in enumerate(names):
             axes[0].scatter(
-                positions + (offset - 0.5) * 0.38, 100 * np.asarray(seed_values), s=8, color="black", zorder=3
+                [x[index]] * len(rows[name][metric]), 100 * np.asarray(rows[name][metric]), s=10, color="gray"
             )
-    axes[0].axhline(100 * refs["filling the box"]["dsc"], color="gray", linestyle="--", label="filling the box (DSC)")
-    axes[0].axhline(
-        100 * refs["zero-shot (pretrained, no fine-tuning)"]["dsc"],
-        color="gray",
-        linestyle=":",
-        label="zero-shot (DSC)",
+    zero = refs["zero-shot (pretrained, no fine-tuning)"]
+    axes[0].axhline(100 * zero["dsc"], color="tab:blue", linestyle=":", label="zero-shot DSC")
+    axes[0].axhline(100 * zero["nsd"], color="tab:orange", linestyle=":", label="zero-shot NSD")
+    axes[0].set_xticks(positions, [short_name(n) for n in names], fontsize=7)
+    axes[0].set_ylabel("test score (%): mean ± std, dots = seeds")
+    box = refs["filling the box"]
+    axes[0].set_title(
+        f"Ablation (paper Table 3), CPU scale\nfilling the box: DSC {100 * box['dsc']:.1f}, NSD {100 * box['nsd']:.1f}",
+        fontsize=9,
     )
-    axes[0].set_xticks(positions, [n.replace(" (", "\n(") for n in names], fontsize=7)
-    axes[0].set_ylabel("test score (%), mean ± std over seeds")
-    axes[0].set_title("Ablation (paper Table 3) at CPU scale")
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7)
     labels = sorted({label for values in rows.values() for label in values["structures"]}, key=int)
     width = 0.8 / (len(names) + 1)
     x = np.arange(len(labels))
