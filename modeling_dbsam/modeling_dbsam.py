@@ -288,9 +288,8 @@ class DBSamFusion(DBSamAdapter):
         self.ffn_norm = self.ffn = self.drop_path = self.output_norm = None
         if config.fusion_ffn_ratio > 0:
             self.ffn_norm = nn.LayerNorm(width, eps=eps)
-            self.ffn = DBSamFeedForward(
-                width, config.fusion_ffn_ratio, dropout=0.0
-            )  # the release's timm Mlp: no dropout
+            # The release's timm Mlp there has no dropout.
+            self.ffn = DBSamFeedForward(width, config.fusion_ffn_ratio, dropout=0.0)
             self.drop_path = DBSamDropPath(config.adapter_drop_path_rate)
         if config.fusion_layer_norm:
             self.output_norm = nn.LayerNorm(width, eps=eps)
