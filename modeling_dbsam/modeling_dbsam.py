@@ -443,9 +443,10 @@ class DBSamModel(SamModel):
         return [name for name, parameter in self.named_parameters() if id(parameter) in adapter_parameters]
 
     def trainable_parameter_names(self) -> list[str]:
-        """The paper's trainable set: adapters, the mask decoder and (if `train_neck`) SAM's neck.
+        """The trainable set: adapters and the mask decoder (paper 3.1) and, if `train_neck`, SAM's neck (the
+        authors' release).
 
-        Two parts of the decoder stay frozen because the paper's loss (BCE + Dice on one mask per box) never
+        This project's decision, not the paper's: two parts of the decoder stay frozen because the paper's loss (BCE + Dice on one mask per box) never
         reaches them: the IoU head, and the hypernetwork heads of SAM's three multimask outputs. Trainable,
         they would get zero gradients and only weight decay would move them, eroding SAM's multimask and
         IoU predictions; and a trainable parameter without a gradient would force DDP's
