@@ -74,7 +74,8 @@ class DBSamConfig(SamConfig):
     adapter_variant (`str`, defaults to `"paper"`):
         `"paper"`: the blocks as the paper's text describes them. `"authors"`: the blocks of the authors'
         public release (github AlfredQin/DB-SAM, commit 5f0d6e9), which differ in the details below. The
-        variant only fills the fields marked *variant* that are left at `None`; each can be set on its own.
+        variant only fills the fields marked *variant* (values listed as paper / authors) that are left at
+        `None`; each can be set on its own.
     se_ratio (`float`, defaults to 0.25):
         Squeeze ratio of the channel attention block's squeeze-and-excitation (768 -> 192 -> 768 at ViT-B).
     se_activation (`str`, *variant*: `"silu"` / `"gelu"`):
@@ -123,7 +124,8 @@ class DBSamConfig(SamConfig):
         `"paper"` initialises the adapters as their source papers do (Deformable DETR for the deformable
         attention). `"identity"` zeroes the last projection of every residual branch and of the convolution
         branch and biases the fusion gate towards the ViT, so that a fresh DB-SAM reproduces the SAM
-        checkpoint it was built from (within 1e-4): useful to fine-tune from MedSAM.
+        checkpoint it was built from (within 1e-4): useful to fine-tune from MedSAM. Refused with
+        `fusion_layer_norm` (a LayerNorm before the neck cannot start as the identity).
     train_neck (`bool`, defaults to `True`):
         Whether `DBSamModel.freeze_for_training` leaves SAM's neck trainable (the authors train it).
     """
@@ -262,6 +264,10 @@ class DBSamConfig(SamConfig):
         """
         config_dict = dict(config_dict)
         config_dict.pop("model_type", None)
+        if kwargs.get("adapter_variant", config_dict.get("adapter_variant")) != config_dict.get("adapter_variant"):
+            # A saved config holds the old variant's resolved values: let the new variant fill them.
+            for name in VARIANT_DEFAULTS["paper"]:
+                config_dict.pop(name, None)
         adapter_fields = set(cls.__dataclass_fields__) - set(SamConfig.__dataclass_fields__)
         for name in adapter_fields & set(kwargs):
             config_dict[name] = kwargs.pop(name)

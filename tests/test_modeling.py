@@ -499,6 +499,13 @@ def test_variant_fields_can_be_set_one_by_one_and_round_trip(tmp_path):
 
     for name in VARIANT_DEFAULTS["authors"]:
         assert getattr(loaded.config, name) == getattr(config, name), name
+    # Switching the variant of a saved DB-SAM config replaces the old variant's values, except those given.
+    switched = DBSamConfig.from_pretrained(tmp_path, adapter_variant="paper", conv_branch_channels=[4, 4, 8, 8])
+    assert (switched.se_activation, switched.fusion_ffn_ratio, switched.conv_branch_channels) == (
+        "silu",
+        0.0,
+        [4, 4, 8, 8],
+    )
     for name, parameter in model.state_dict().items():
         assert torch.equal(parameter, loaded.state_dict()[name]), name
 

@@ -50,6 +50,10 @@ class ModelArguments:
         default=None,
         metadata={"help": "Folder of the SamProcessor to use; defaults to --model's, or one matching --model_config."},
     )
+    adapter_variant: Literal["paper", "authors"] | None = field(
+        default=None,
+        metadata={"help": "Adapter blocks as the paper's text describes them or as the authors' release."},
+    )
     use_channel_attention: bool | None = field(default=None, metadata={"help": "Channel attention blocks (Eq. 1)."})
     use_conv_branch: bool | None = field(default=None, metadata={"help": "Conv branch + bilateral cross-attention."})
     use_fusion: bool | None = field(default=None, metadata={"help": "ViT-Conv fusion (Eq. 2)."})
@@ -60,7 +64,7 @@ class ModelArguments:
 
     def config_overrides(self) -> dict[str, Any]:
         """The adapter fields that were set, as DBSamConfig keyword arguments."""
-        names = ("use_channel_attention", "use_conv_branch", "use_fusion", "adapter_dropout")
+        names = ("adapter_variant", "use_channel_attention", "use_conv_branch", "use_fusion", "adapter_dropout")
         names += ("adapter_drop_path_rate", "adapter_init", "train_neck")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
