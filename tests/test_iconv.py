@@ -9,14 +9,26 @@ import pytest
 import torch
 from PIL import Image
 from test_data_transforms import _rows
-from tiny import TINY_MASK_SIZE, scrambled_tiny_dbsam, tiny_processor, tiny_sam_config, tiny_sam_config_dict
-from transformers import SamModel, SamProcessor
+from tiny import (
+    TINY_MASK_SIZE,
+    save_tiny_dbsam,
+    scrambled_tiny_dbsam,
+    tiny_processor,
+    tiny_sam_config,
+    tiny_sam_config_dict,
+)
+from transformers import SamModel, SamProcessor, pipeline
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
 from modeling_dbsam import DBSamConfig, DBSamModel
 from modeling_dbsam.data import SamBoxTransform, collate_batch
+from modeling_dbsam.inference import segment_volume
+from modeling_dbsam.pipelines import TASK, register_pipelines
 from modeling_dbsam.pixels import SamPixels, conv_input_size, processor_conv_pixel_values
 from modeling_dbsam.predictor import encode_images, predict_boxes
+from modeling_dbsam.processing import gray_to_rgb
+
+register_pipelines()
 
 
 class _Captured(Exception):
@@ -190,3 +202,21 @@ def test_an_image_too_thin_to_pad_as_the_vit_input_is_refused():
         encode_images(scrambled_tiny_dbsam(), processor, [thin])
     with pytest.raises(ValueError, match="conv_size must be a positive side"):
         SamBoxTransform(processor, conv_size=0)
+
+
+def test_the_pipeline_and_volume_inference_give_the_branch_each_native_image(tmp_path):
+    model_dir = save_tiny_dbsam(tmp_path / "model", modality="MR")
+    seg = pipeline(TASK, model=model_dir)
+    processor = seg.processor
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (64, 56, 3), dtype=np.uint8)  # 64 px long side: I_conv is the image itself
+    with branch_inputs(seg.model) as seen:
+        seg(image, input_boxes=[[5, 5, 40, 40]])
+    np.testing.assert_allclose(seen[0][0, :, :, :56].numpy(), normalised(image, processor), rtol=0, atol=1e-6)
+    assert seen[0][0, :, :, 56:].abs().sum() == 0
+
+    volume = rng.integers(0, 256, (3, 64, 64)).astype(np.uint8)  # uint8 passes the MR rule unchanged
+    with branch_inputs(seg.model) as seen:
+        segment_volume(seg.model, processor, volume, box=(5, 5, 0, 40, 40, 2), batch_size=3)
+    slices = np.stack([normalised(gray_to_rgb(plane), processor) for plane in volume])
+    np.testing.assert_allclose(seen[0].numpy(), slices, rtol=0, atol=1e-6)
