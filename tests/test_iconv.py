@@ -200,6 +200,11 @@ def test_an_image_too_thin_to_pad_as_the_vit_input_is_refused():
         processor_conv_pixel_values(processor, [thin], 64)
     with pytest.raises(ValueError, match=message):
         encode_images(scrambled_tiny_dbsam(), processor, [thin])
+    # At ViT-B sizes a 1 x 600 image is 2 rows at 1024 px but 0 at the 256 px I_conv: refused there too.
+    sam_pixels = SamPixels(SamProcessor(image_processor=SamImageProcessorPil()))
+    assert tuple(sam_pixels([np.zeros((1, 600, 3), np.uint8)])["reshaped_input_sizes"][0]) == (2, 1024)
+    with pytest.raises(ValueError, match="an image of 1 x 600 pixels cannot be scaled to a longest side of 256"):
+        sam_pixels([np.zeros((1, 600, 3), np.uint8)], conv_size=256)
     with pytest.raises(ValueError, match="conv_size must be a positive side"):
         SamBoxTransform(processor, conv_size=0)
 
