@@ -225,3 +225,22 @@ def test_the_pipeline_and_volume_inference_give_the_branch_each_native_image(tmp
         segment_volume(seg.model, processor, volume, box=(5, 5, 0, 40, 40, 2), batch_size=3)
     slices = np.stack([normalised(gray_to_rgb(plane), processor) for plane in volume])
     np.testing.assert_allclose(seen[0].numpy(), slices, rtol=0, atol=1e-6)
+
+
+def test_processors_sampixels_does_not_support_still_give_the_same_i_conv():
+    """An image processor that does not pad takes the processor path; on square images it must agree."""
+    unpadded = SamProcessor(
+        image_processor=SamImageProcessorPil(
+            size={"longest_edge": 32}, mask_size={"longest_edge": TINY_MASK_SIZE}, do_pad=False
+        )
+    )
+    assert not SamPixels.supports(unpadded)
+    model = scrambled_tiny_dbsam()
+    rows = _rows([(48, 48)], rgb=True)
+    image = np.asarray(rows[0]["image"])
+    expected = SamPixels(tiny_processor()).conv_pixel_values([image], TINY_MASK_SIZE)
+    batch = SamBoxTransform(unpadded, fixed_shift=9, conv_size=conv_input_size(model))(dict(rows[:]))
+    assert torch.equal(batch["conv_pixel_values"], expected)
+    with branch_inputs(model) as seen:
+        encode_images(model, unpadded, [image])
+    assert torch.equal(seen[0], expected)
