@@ -146,6 +146,26 @@ def test_medsam_dust_rules_run_at_native_resolution_before_resizing(tmp_path):
     assert (report.small_components_dropped_3d, report.small_components_dropped_2d) == (0, 0)
 
 
+def test_2d_image_objects_under_100_px_are_dropped_before_upsampling(tmp_path):
+    """The issue's case: a 120 x 45 px image with 21, 40 and 82 px objects, upsampled to 256, keeps none of them
+    (after resizing they would count 248, 481 and 986 px); a 150 px object stays (2D images get no 3D rule)."""
+    raw = tmp_path / "raw"
+    (raw / "img").mkdir(parents=True)
+    Image.fromarray(np.full((45, 120, 3), 90, np.uint8)).save(raw / "img" / "a.png")
+    mask = np.zeros((45, 120), np.uint8)
+    mask[2:5, 2:9] = 1  # 21 px
+    mask[10:15, 2:10] = 2  # 40 px
+    mask[20:22, 2:43] = 3  # 82 px
+    mask[30:40, 50:65] = 4  # 150 px
+    Image.fromarray(mask).save(raw / "img" / "a_mask.png")
+    report = prepare_raw_dataset(
+        raw, tmp_path / "out", task="X-Ray Lungs", images="img/a.png", label_maps="img/a_mask.png", split="1,0,0"
+    )
+    rows = load_medsam_dataset(tmp_path / "out")["train"]
+    assert rows["label"] == [4]
+    assert (report.small_components_dropped_3d, report.small_components_dropped_2d) == (0, 3)
+
+
 def test_real_brain_box_in_model_frame(brain, tmp_path):
     """The tight box of a stored object, through the tiny processor's 217 x 181 -> 32 x 27 frame."""
     from tiny import tiny_processor
