@@ -18,7 +18,7 @@ from modeling_dbsam import DBSamModel
 from modeling_dbsam.boxes import box_prompt
 from modeling_dbsam.evaluation import PAPER
 from modeling_dbsam.metrics import dice_score
-from modeling_dbsam.predictor import predict_boxes
+from modeling_dbsam.predictor import BoxPrediction, predict_boxes
 from modeling_dbsam.processing import load_processor
 from modeling_dbsam.scenes import generate_scene
 
@@ -77,3 +77,44 @@ def test_missing_or_damaged_shipped_model_gives_one_clear_error(tmp_path, monkey
     (copy / "processor_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="processor_config.json missing"):
         pretrained.small_sam_folder()
+
+
+def test_dbsam_segment_without_model_uses_the_shipped_one_and_says_so(tmp_path, capsys):
+    from PIL import Image
+
+    from modeling_dbsam.cli import main
+
+    row = datasets.load_from_disk(str(SAMPLE))["test"][40]
+    image, truth = np.asarray(row["image"])[..., 0], np.asarray(row["mask"]).astype(bool)
+    Image.fromarray(image).save(tmp_path / "slice.png")
+    box = box_prompt(truth, fixed_shift=PAPER.box_shift, resolution=PAPER.box_resolution).astype(int)
+    output = tmp_path / "mask.png"
+    argv = ["segment", str(tmp_path / "slice.png"), "--box", ",".join(map(str, box)), "--output", str(output)]
+    assert main([*argv, "--overlay", str(tmp_path / "overlay.png")]) == 0
+    captured = capsys.readouterr()
+    assert "SMALL DEMONSTRATION DB-SAM" in captured.err and "--model" in captured.err
+    assert str(pretrained.default_model_folder()) in captured.err
+    mask = np.asarray(Image.open(output)) > 0
+    assert dice_score(mask, truth) > DBSAM_BRAIN_FLOOR
+    assert "EMPTY" not in captured.out
+
+
+def test_dbsam_segment_says_so_when_the_mask_is_empty(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    import modeling_dbsam.predictor as predictor
+    from modeling_dbsam.cli import main
+
+    def finds_nothing(model, processor, images, boxes, *args, **kwargs):
+        shape = np.asarray(images[0]).shape[:2]
+        return [BoxPrediction(np.zeros((1, *shape), bool), np.zeros(1, np.float32), np.zeros((1, 64, 64)))]
+
+    monkeypatch.setattr(predictor, "predict_boxes", finds_nothing)
+    Image.fromarray(np.full((128, 128), 90, np.uint8)).save(tmp_path / "flat.png")
+    argv = ["segment", str(tmp_path / "flat.png"), "--box", "10,10,40,40", "--output", str(tmp_path / "m.png")]
+    assert main([*argv, "--overlay", str(tmp_path / "o.png")]) == 0
+    out = capsys.readouterr().out
+    assert "0 voxels" in out and "mask is EMPTY" in out
+    overlay = np.asarray(Image.open(tmp_path / "o.png")).astype(int)
+    assert (overlay[..., 0] - overlay[..., 1] > 100).any()  # "empty mask" written in red on a grey image
+    assert (overlay == (0, 220, 255)).all(axis=-1).any()  # the box prompt drawn in cyan
