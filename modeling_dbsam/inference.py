@@ -103,19 +103,35 @@ class _SliceEncoder:
     ``batch_size - 1`` encodings of slices past the object's end.
     """
 
-    def __init__(self, model, processor, slices: np.ndarray, batch_size: int, autocast_dtype: torch.dtype | None):
+    def __init__(
+        self,
+        model,
+        processor,
+        slices: np.ndarray,
+        batch_size: int,
+        autocast_dtype: torch.dtype | None,
+        keep: bool = False,
+    ):
         self.model, self.processor, self.slices = model, processor, slices
         self.batch_size, self.autocast_dtype = batch_size, autocast_dtype
+        self.keep = keep  # keep embeddings after use, for several objects on the same slices
         self.cache: dict[int, EncodedImages] = {}
+
+    def encode(self, indexes: Sequence[int]) -> None:
+        """Encode the slices not yet cached, ``batch_size`` at a time."""
+        indexes = [i for i in dict.fromkeys(indexes) if i not in self.cache]
+        for start in range(0, len(indexes), self.batch_size):
+            batch = indexes[start : start + self.batch_size]
+            encoded = encode_images(
+                self.model, self.processor, [gray_to_rgb(self.slices[i]) for i in batch], self.autocast_dtype
+            )
+            self.cache.update({i: encoded.select(k) for k, i in enumerate(batch)})
 
     def __call__(self, z: int, direction: int) -> EncodedImages:
         if z not in self.cache:
             ahead = range(z, z + direction * self.batch_size, direction)
-            indexes = [i for i in ahead if 0 <= i < len(self.slices) and i not in self.cache]
-            images = [gray_to_rgb(self.slices[i]) for i in indexes]
-            encoded = encode_images(self.model, self.processor, images, self.autocast_dtype)
-            self.cache.update({i: encoded.select(k) for k, i in enumerate(indexes)})
-        return self.cache.pop(z)
+            self.encode([i for i in ahead if 0 <= i < len(self.slices)])
+        return self.cache[z] if self.keep else self.cache.pop(z)
 
 
 def segment_volume(
