@@ -218,18 +218,26 @@ def read_objects_file(path: str | os.PathLike) -> list[ObjectPrompt]:
     try:
         if path.lower().endswith(".json"):
             with open(path) as handle:
-                entries = json.load(handle)
-            if not isinstance(entries, list):
-                raise ValueError("expected a list of objects")
-            return [ObjectPrompt(e["name"], e["box"], e.get("key_slice")) for e in entries]
+                return objects_from_json(handle.read())
         if path.lower().endswith(".csv"):
             with open(path, newline="") as handle:
                 return [_csv_object(row) for row in csv.DictReader(handle)]
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a valid objects file ({type(error).__name__}: {error})") from None
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     raise ValueError(f"{path}: objects file must be .json or .csv")
+
+
+def objects_from_json(text: str) -> list[ObjectPrompt]:
+    """Objects from ``[{"name": ..., "box": [...], "key_slice": k}, ...]`` (``key_slice`` optional)."""
+    try:
+        entries = json.loads(text)
+        if not isinstance(entries, list):
+            raise ValueError("expected a JSON list of objects")
+        return [ObjectPrompt(e["name"], e["box"], e.get("key_slice")) for e in entries]
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f'not a valid objects list ({type(error).__name__}: {error}); expected [{{"name": ..., "box": [...]}}]'
+        ) from None
 
 
 def _csv_object(row: dict) -> ObjectPrompt:

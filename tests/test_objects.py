@@ -133,7 +133,7 @@ def test_objects_files_json_and_csv(tmp_path):
             ("lesion", [3, 3, 6, 6], 2),
         ]
     (tmp_path / "bad.json").write_text('[{"box": [1, 2, 3, 4]}]')
-    with pytest.raises(ValueError, match="bad.json: not a valid objects file"):
+    with pytest.raises(ValueError, match="bad.json: not a valid objects list"):
         read_objects_file(tmp_path / "bad.json")
     (tmp_path / "bad.csv").write_text("name,x0,y0,x1\na,1,2,3\n")
     with pytest.raises(ValueError, match="bad.csv: .*needs columns name, x0, y0, x1, y1"):

@@ -1,0 +1,213 @@
+"""The Gradio page of ``dbsam app``: components wired to :mod:`modeling_dbsam.app.session`.
+
+Every handler turns a user error (unreadable file, box outside the image, ...) into a message shown in
+the page (``gr.Error``), never a stack trace. Named endpoints (``api_name``) are the API that
+``gradio_client`` (and so a 3D Slicer or napari plugin) calls; docs/app.md lists them.
+"""
+
+import functools
+import logging
+import tempfile
+
+import gradio as gr
+
+from modeling_dbsam.app import session as app
+from modeling_dbsam.intensity import CT_WINDOW_PRESETS
+from modeling_dbsam.io import path_suffix
+from modeling_dbsam.objects import objects_from_json, segment_objects
+from modeling_dbsam.processing import get_intensity_config
+
+logger = logging.getLogger(__name__)
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+OBJECT_COLUMNS = ["value", "name", "colour", "voxels", "prompt"]
+
+
+def shows_errors(handler):
+    """Report errors in the page: user errors as they are, anything else as one line (logged in full)."""
+
+    @functools.wraps(handler)
+    def wrapper(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except gr.Error:
+            raise
+        except USER_ERRORS as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except Exception as error:
+            logger.exception("unexpected error in %s", handler.__name__)
+            raise gr.Error(f"unexpected error ({type(error).__name__}): {error}", print_exception=False) from None
+
+    return wrapper
+
+
+def build_app(model, processor, title: str = "DB-SAM: box-prompted medical image segmentation") -> gr.Blocks:
+    """The page, serving ``model`` and ``processor`` (loaded once, shared by every visitor)."""
+    model_intensity = get_intensity_config(processor)
+    exports = tempfile.mkdtemp(prefix="dbsam-app-exports-")
+
+    def view(state: app.Session, z, window):
+        return app.render(state, int(z), app.display_intensity(window, model_intensity))
+
+    def described(state: app.Session) -> str:
+        scan = state.scan
+        kind = f"volume of {scan.depth} slices" if scan.is_volume else "2D image"
+        height, width = scan.plane_shape
+        return f"**{scan.name}**: {kind}, {width} x {height} pixels. {scan.note}".strip()
+
+    @shows_errors
+    def open_files(files, state: app.Session):
+        if not files:
+            raise ValueError("no file given: upload a volume, a 2D image, or a zip of a DICOM series")
+        paths = [getattr(f, "name", f) for f in (files if isinstance(files, list) else [files])]
+        scan = app.open_scan(paths)
+        state = app.Session(scan=scan)
+        z = scan.depth // 2
+        slider = gr.Slider(minimum=0, maximum=max(scan.depth - 1, 1), value=z, step=1, interactive=scan.is_volume)
+        return state, slider, view(state, z, app.MODEL_WINDOW), app.MODEL_WINDOW, described(state), [], names(state)
+
+    @shows_errors
+    def show_slice(state: app.Session, z, window):
+        if state.scan is None:
+            return None
+        return view(state, z, window)
+
+    @shows_errors
+    def on_click(state: app.Session, z, window, event: gr.SelectData):
+        message = app.click(state, *event.index[:2])
+        return state, view(state, z, window), message
+
+    @shows_errors
+    def set_box(state: app.Session, box: str, z, window):
+        values = [float(v) for v in box.replace(" ", "").split(",")] if box else []
+        app.set_box(state, values)
+        return state, view(state, z, window), f"box {state.box}"
+
+    @shows_errors
+    def segment(state: app.Session, name, mode, z, z0, z1, window, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        added = app.segment(
+            state, model, processor, model_intensity, name, mode, int(z), (int(z0), int(z1)), progress=True
+        )
+        voxels = int(added.mask.sum())
+        message = f"segmented {added.name!r}: {voxels} voxels" + ("" if voxels else " (empty mask)")
+        return state, view(state, z, window), app.objects_table(state), names(state), message
+
+    @shows_errors
+    def remove(state: app.Session, name, z, window):
+        message = app.remove(state, name or None)
+        return state, view(state, z, window), app.objects_table(state), names(state), message
+
+    @shows_errors
+    def undo(state: app.Session, z, window):
+        return remove(state, None, z, window)
+
+    @shows_errors
+    def clear(state: app.Session, z, window):
+        state.objects, state.corners = [], []
+        return state, view(state, z, window), [], names(state), "cleared all objects"
+
+    @shows_errors
+    def export(state: app.Session, file_format):
+        folder = tempfile.mkdtemp(dir=exports)
+        label_map, legend = app.export(state, file_format, folder)
+        return [label_map, legend], f"label map {path_suffix(label_map)} and legend ready to download"
+
+    def names(state: app.Session):
+        choices = [o.name for o in state.objects]
+        return gr.Dropdown(choices=choices, value=choices[-1] if choices else None)
+
+    with gr.Blocks(title="DB-SAM") as demo:
+        state = gr.State(app.Session())
+        gr.Markdown(
+            f"## {title}\nOpen a scan, click two opposite corners of a box, name the object, press **Segment**."
+        )
+        with gr.Row():
+            with gr.Column(scale=1, min_width=280):
+                files = gr.File(
+                    label="Scan: NIfTI, NRRD, MHA, PNG/JPG/DICOM, a zip of a DICOM series, or its files",
+                    file_count="multiple",
+                    elem_id="scan-upload",
+                )
+                summary = gr.Markdown(elem_id="scan-summary")
+                window = gr.Dropdown([app.MODEL_WINDOW, *CT_WINDOW_PRESETS], value=app.MODEL_WINDOW, label="window")
+                slider = gr.Slider(0, 1, value=0, step=1, label="slice (z)", interactive=False, elem_id="slice")
+                box_text = gr.Textbox(label="box x0,y0,x1,y1 (or click the image)", elem_id="box-text")
+                name = gr.Textbox(label="object name", placeholder="e.g. liver", elem_id="object-name")
+                mode = gr.Radio(list(app.MODES), value="slice", label="segment", elem_id="mode")
+                with gr.Row():
+                    z0 = gr.Number(0, precision=0, label="3D box: from slice", minimum=0)
+                    z1 = gr.Number(0, precision=0, label="to slice", minimum=0)
+                run = gr.Button("Segment", variant="primary", elem_id="segment")
+                with gr.Row():
+                    undo_button = gr.Button("Undo last", elem_id="undo")
+                    clear_button = gr.Button("Clear all", elem_id="clear")
+                with gr.Row():
+                    chosen = gr.Dropdown([], label="object", elem_id="object-choice")
+                    remove_button = gr.Button("Remove object", elem_id="remove")
+            with gr.Column(scale=2):
+                image = gr.Image(
+                    type="numpy",
+                    format="png",
+                    interactive=False,
+                    show_label=False,
+                    elem_id="slice-view",
+                    buttons=[],
+                )
+                status = gr.Markdown(elem_id="status")
+                table = gr.Dataframe(headers=OBJECT_COLUMNS, interactive=False, label="objects", elem_id="objects")
+                with gr.Row():
+                    file_format = gr.Radio(list(app.EXPORT_FORMATS), value=".nii.gz", label="label map format")
+                    export_button = gr.Button("Export label map", elem_id="export")
+                downloads = gr.File(label="download", file_count="multiple", elem_id="downloads")
+
+        files.upload(
+            open_files, [files, state], [state, slider, image, window, summary, table, chosen], api_name="open"
+        )
+        slider.change(show_slice, [state, slider, window], image, api_name=False)
+        window.change(show_slice, [state, slider, window], image, api_name=False)
+        image.select(on_click, [state, slider, window], [state, image, status], api_name=False)
+        box_text.submit(set_box, [state, box_text, slider, window], [state, image, status], api_name="set_box")
+        run.click(
+            segment,
+            [state, name, mode, slider, z0, z1, window],
+            [state, image, table, chosen, status],
+            api_name="segment",
+        )
+        undo_button.click(undo, [state, slider, window], [state, image, table, chosen, status], api_name="undo")
+        remove_button.click(
+            remove, [state, chosen, slider, window], [state, image, table, chosen, status], api_name="remove"
+        )
+        clear_button.click(clear, [state, slider, window], [state, image, table, chosen, status], api_name="clear")
+        export_button.click(export, [state, file_format], [downloads, status], api_name="export")
+        with gr.Row(visible=False):  # the stateless plugin endpoint: components only to carry files in and out
+            plugin_scan, plugin_objects = gr.File(), gr.Textbox()
+            plugin_format, plugin_result = gr.Textbox(value=".nii.gz"), gr.File(file_count="multiple")
+            plugin_run = gr.Button()
+        plugin_run.click(
+            segment_file(model, processor, model_intensity, exports),
+            [plugin_scan, plugin_objects, plugin_format],
+            plugin_result,
+            api_name="segment_file",
+        )
+    return demo
+
+
+def segment_file(model, processor, model_intensity, exports: str):
+    """A stateless endpoint for plugins: a scan and its objects in, the label map and its legend out."""
+
+    @shows_errors
+    def segment_file(scan, objects: str, file_format: str) -> list[str]:
+        """Segment every object of `objects` (JSON: [{"name", "box", "key_slice"?}, ...]) in `scan`."""
+        if not scan:
+            raise ValueError("no scan given")
+        state = app.Session(scan=app.open_scan([getattr(scan, "name", scan)]))
+        prompts = objects_from_json(objects)
+        result = segment_objects(
+            model, processor, state.scan.array, prompts, is_volume=state.scan.is_volume, intensity=model_intensity
+        )
+        for value, prompt in enumerate(prompts, start=1):
+            mask = result.labels == value
+            state.objects.append(app.SegmentedObject(prompt.name, prompt, mask, result.scores[value - 1]))
+        return list(app.export(state, file_format or ".nii.gz", tempfile.mkdtemp(dir=exports)))
+
+    return segment_file
