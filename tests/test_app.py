@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from browser import BROWSER_MISSING, AppPage, start_browser
 from dicom_data import write_ct_series, write_two_series_zip
 from tiny import save_tiny_dbsam, scrambled_tiny_dbsam, tiny_processor
 
@@ -171,17 +171,65 @@ def test_gradio_client_drives_the_app_like_a_plugin(server, model, processor, tm
     assert written.GetSize() == reference.GetSize() and written.GetOrigin() == reference.GetOrigin()
     np.testing.assert_array_equal(sitk.GetArrayFromImage(written), expected_labels(model, processor))
 
-    with pytest.raises(AppError, match="has zero area"):
-        client.predict("5,5,5,30", Z, app.MODEL_WINDOW, api_name="/set_box")
-        client.predict("flat", "slice", Z, 0, 0, app.MODEL_WINDOW, api_name="/segment")
+    client.predict("5,5,5,30", Z, app.MODEL_WINDOW, api_name="/set_box")
+    status = client.predict("flat", "slice", Z, 0, 0, app.MODEL_WINDOW, api_name="/segment")[-1]
+    assert status.startswith("**Error:** the box x=5..5, y=5..30 has zero area")
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not a nifti")
-    with pytest.raises(AppError, match="broken.nii.gz: cannot be read as an image"):
-        client.predict([handle_file(str(broken))], api_name="/open")
+    status = client.predict([handle_file(str(broken))], api_name="/open")[-1]
+    assert status.startswith("**Error:** broken.nii.gz: cannot be read as an image")
+    downloads, _ = client.predict(".nrrd", api_name="/export")  # the errors left the scan and its object intact
+    label_path = next(d for d in downloads if str(d).endswith(".nrrd"))
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(label_path)), expected_labels(model, processor)
+    )
 
     objects = json.dumps([{"name": "blob", "box": [BOX[0], BOX[1], Z, BOX[2], BOX[3], Z]}])
     label_path, legend_path = client.predict(handle_file(str(BLOB)), objects, ".nrrd", api_name="/segment_file")
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(label_path)), expected_labels(model, processor))
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(label_path)), expected_labels(model, processor)
+    )
     assert json.loads(Path(legend_path).read_text())["objects"][0]["name"] == "blob"
     with pytest.raises(AppError, match="DICOM-SEG needs a DICOM input"):
         client.predict(handle_file(str(BLOB)), objects, "DICOM-SEG", api_name="/segment_file")
+
+
+@pytest.mark.skipif(BROWSER_MISSING is not None, reason=str(BROWSER_MISSING))
+def test_a_box_drawn_in_a_real_browser_is_segmented_shown_and_downloaded(server, model, processor, tmp_path):
+    pytest.importorskip("selenium")
+    driver = start_browser()
+    try:
+        page = AppPage(driver, server)
+        page.upload(str(BLOB))
+        assert "volume of 40 slices, 64 x 64 pixels" in page.text("#scan-summary")
+        page.find("#segment").click()  # no box yet: a message in the page, not a stack trace
+        assert page.error_message().startswith("Error: draw a box first")
+
+        page.draw_box(BOX, scale=8)  # the page opens on the middle slice, z = 20
+        drawn = page.shown_slice()
+        yellow = (drawn[..., 0] > 200) & (drawn[..., 1] > 200) & (drawn[..., 2] < 80)
+        rows, cols = np.nonzero(yellow)
+        factor = drawn.shape[1] / 512  # screenshot pixels per shown pixel
+        assert abs(rows.min() / factor - BOX[1] * 8) <= 3 and abs(cols.max() / factor - (BOX[2] * 8 + 7)) <= 3
+
+        page.type_into("#object-name", "blob")
+        page.segment("blob")
+        shown = page.shown_slice()
+        cell = shown.shape[0] / 64  # screenshot pixels per voxel
+        centres = ((np.arange(64) + 0.5) * cell).astype(int)
+        voxels = shown[centres][:, centres].astype(int)
+        overlaid = voxels[..., 0] - voxels[..., 1] > 60  # the first object's red over grey
+        expected = expected_labels(model, processor)[Z] == 1
+        assert expected.sum() > 50
+        np.testing.assert_array_equal(overlaid, expected)
+
+        page.find("#export").click()
+        links = page.wait_for(lambda: [a.get_attribute("href") for a in page.find_all("#downloads a[href]")])
+        target = tmp_path / "downloaded.nii.gz"
+        urllib.request.urlretrieve(next(h for h in links if h.endswith("-labels.nii.gz")), target)
+        written, reference = sitk.ReadImage(str(target)), read_image(BLOB).reference
+        assert written.GetSize() == reference.GetSize() and written.GetSpacing() == reference.GetSpacing()
+        assert written.GetOrigin() == reference.GetOrigin() and written.GetDirection() == reference.GetDirection()
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(written), expected_labels(model, processor))
+    finally:
+        driver.quit()

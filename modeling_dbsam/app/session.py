@@ -92,6 +92,13 @@ class Session:
         scores = np.stack([o.scores for o in self.objects])
         return LabelMap(resolve_overlaps(masks, scores), [o.name for o in self.objects], scores)
 
+    def slice_labels(self, z: int) -> np.ndarray:
+        """The label map of slice ``z`` alone (what the page shows), without resolving the whole volume."""
+        if not self.scan.is_volume:
+            return self.label_map().labels
+        masks = np.stack([o.mask[z : z + 1] for o in self.objects])
+        return resolve_overlaps(masks, np.stack([o.scores[z : z + 1] for o in self.objects]))[0]
+
 
 def open_scan(paths: list[str] | str) -> Scan:
     """Open an uploaded volume, 2D image, zip of a DICOM series, or several DICOM files of one series."""
@@ -159,8 +166,7 @@ def render(session: Session, z: int, intensity: IntensityConfig) -> np.ndarray:
     rgb = np.repeat(pixels[..., None], 3, axis=-1) if pixels.ndim == 2 else pixels
     rgb = rgb.astype(np.float32)
     if session.objects:
-        labels = session.label_map().labels
-        plane = labels[z] if scan.is_volume else labels
+        plane = session.slice_labels(z)
         for value in np.unique(plane[plane > 0]):
             inside = plane == value
             rgb[inside] = (1 - OVERLAY_ALPHA) * rgb[inside] + OVERLAY_ALPHA * np.array(object_colour(int(value)))

@@ -1,7 +1,7 @@
 """The Gradio page of ``dbsam app``: components wired to :mod:`modeling_dbsam.app.session`.
 
-Every handler turns a user error (unreadable file, box outside the image, ...) into a message shown in
-the page (``gr.Error``), never a stack trace. Named endpoints (``api_name``) are the API that
+Every page event turns an error (unreadable file, box outside the image, ...) into the status line and a
+notice, never a stack trace, and leaves the other components as they were. Named endpoints (``api_name``) are the API that
 ``gradio_client`` (and so a 3D Slicer or napari plugin) calls; docs/app.md lists them.
 """
 
@@ -23,22 +23,45 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 OBJECT_COLUMNS = ["value", "name", "colour", "voxels", "prompt"]
 
 
-def shows_errors(handler):
-    """Report errors in the page: user errors as they are, anything else as one line (logged in full)."""
+def error_message(error: Exception) -> str:
+    """User errors as they are; anything else as one line (logged in full for the operator)."""
+    if isinstance(error, USER_ERRORS):
+        return str(error)
+    logger.exception("unexpected error", exc_info=error)
+    return f"unexpected error ({type(error).__name__}): {error}"
+
+
+def raises_errors(handler):
+    """For API-only endpoints: an error reaches the caller (``gradio_client`` raises it) as one message."""
 
     @functools.wraps(handler)
     def wrapper(*args, **kwargs):
         try:
             return handler(*args, **kwargs)
-        except gr.Error:
-            raise
-        except USER_ERRORS as error:
-            raise gr.Error(str(error), print_exception=False) from None
         except Exception as error:
-            logger.exception("unexpected error in %s", handler.__name__)
-            raise gr.Error(f"unexpected error ({type(error).__name__}): {error}", print_exception=False) from None
+            raise gr.Error(error_message(error), print_exception=False) from None
 
     return wrapper
+
+
+def reports_errors(outputs: int):
+    """For page events whose last output is the status line: an error becomes that line (and a notice),
+    and every other output keeps its value, so a mistake never blanks the slice or loses the objects.
+    """
+
+    def decorate(handler):
+        @functools.wraps(handler)
+        def wrapper(*args, **kwargs):
+            try:
+                return handler(*args, **kwargs)
+            except Exception as error:
+                message = error_message(error)
+                gr.Warning(message)
+                return (*[gr.skip()] * (outputs - 1), f"**Error:** {message}")
+
+        return wrapper
+
+    return decorate
 
 
 def build_app(model, processor, title: str = "DB-SAM: box-prompted medical image segmentation") -> gr.Blocks:
@@ -55,7 +78,7 @@ def build_app(model, processor, title: str = "DB-SAM: box-prompted medical image
         height, width = scan.plane_shape
         return f"**{scan.name}**: {kind}, {width} x {height} pixels. {scan.note}".strip()
 
-    @shows_errors
+    @reports_errors(outputs=8)
     def open_files(files, state: app.Session):
         if not files:
             raise ValueError("no file given: upload a volume, a 2D image, or a zip of a DICOM series")
@@ -64,49 +87,55 @@ def build_app(model, processor, title: str = "DB-SAM: box-prompted medical image
         state = app.Session(scan=scan)
         z = scan.depth // 2
         slider = gr.Slider(minimum=0, maximum=max(scan.depth - 1, 1), value=z, step=1, interactive=scan.is_volume)
-        return state, slider, view(state, z, app.MODEL_WINDOW), app.MODEL_WINDOW, described(state), [], names(state)
+        image = view(state, z, app.MODEL_WINDOW)
+        return state, slider, image, app.MODEL_WINDOW, described(state), [], names(state), "click two corners of a box"
 
-    @shows_errors
+    @reports_errors(outputs=2)
     def show_slice(state: app.Session, z, window):
         if state.scan is None:
-            return None
-        return view(state, z, window)
+            return gr.skip(), ""
+        return view(state, z, window), ""
 
-    @shows_errors
+    @reports_errors(outputs=3)
     def on_click(state: app.Session, z, window, event: gr.SelectData):
         message = app.click(state, *event.index[:2])
         return state, view(state, z, window), message
 
-    @shows_errors
+    @reports_errors(outputs=3)
     def set_box(state: app.Session, box: str, z, window):
-        values = [float(v) for v in box.replace(" ", "").split(",")] if box else []
+        try:
+            values = [float(v) for v in box.replace(" ", "").split(",")] if box else []
+        except ValueError:
+            raise ValueError(f"box {box!r}: expected four comma-separated numbers x0,y0,x1,y1") from None
         app.set_box(state, values)
-        return state, view(state, z, window), f"box {state.box}"
+        x0, y0, x1, y1 = state.box
+        return state, view(state, z, window), f"box x={x0}..{x1}, y={y0}..{y1}; name the object and press Segment"
 
-    @shows_errors
+    @reports_errors(outputs=5)
     def segment(state: app.Session, name, mode, z, z0, z1, window, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         added = app.segment(
-            state, model, processor, model_intensity, name, mode, int(z), (int(z0), int(z1)), progress=True
+            state, model, processor, model_intensity, name, mode, int(z), (int(z0 or 0), int(z1 or 0)), progress=True
         )
         voxels = int(added.mask.sum())
         message = f"segmented {added.name!r}: {voxels} voxels" + ("" if voxels else " (empty mask)")
         return state, view(state, z, window), app.objects_table(state), names(state), message
 
-    @shows_errors
+    @reports_errors(outputs=5)
     def remove(state: app.Session, name, z, window):
         message = app.remove(state, name or None)
         return state, view(state, z, window), app.objects_table(state), names(state), message
 
-    @shows_errors
+    @reports_errors(outputs=5)
     def undo(state: app.Session, z, window):
-        return remove(state, None, z, window)
+        message = app.remove(state, None)
+        return state, view(state, z, window), app.objects_table(state), names(state), message
 
-    @shows_errors
+    @reports_errors(outputs=5)
     def clear(state: app.Session, z, window):
         state.objects, state.corners = [], []
         return state, view(state, z, window), [], names(state), "cleared all objects"
 
-    @shows_errors
+    @reports_errors(outputs=2)
     def export(state: app.Session, file_format):
         folder = tempfile.mkdtemp(dir=exports)
         label_map, legend = app.export(state, file_format, folder)
@@ -160,24 +189,21 @@ def build_app(model, processor, title: str = "DB-SAM: box-prompted medical image
                     export_button = gr.Button("Export label map", elem_id="export")
                 downloads = gr.File(label="download", file_count="multiple", elem_id="downloads")
 
+        edits = [state, image, table, chosen, status]
         files.upload(
-            open_files, [files, state], [state, slider, image, window, summary, table, chosen], api_name="open"
+            open_files,
+            [files, state],
+            [state, slider, image, window, summary, table, chosen, status],
+            api_name="open",
         )
-        slider.change(show_slice, [state, slider, window], image, api_name=False)
-        window.change(show_slice, [state, slider, window], image, api_name=False)
+        slider.change(show_slice, [state, slider, window], [image, status], api_name=False)
+        window.change(show_slice, [state, slider, window], [image, status], api_name=False)
         image.select(on_click, [state, slider, window], [state, image, status], api_name=False)
         box_text.submit(set_box, [state, box_text, slider, window], [state, image, status], api_name="set_box")
-        run.click(
-            segment,
-            [state, name, mode, slider, z0, z1, window],
-            [state, image, table, chosen, status],
-            api_name="segment",
-        )
-        undo_button.click(undo, [state, slider, window], [state, image, table, chosen, status], api_name="undo")
-        remove_button.click(
-            remove, [state, chosen, slider, window], [state, image, table, chosen, status], api_name="remove"
-        )
-        clear_button.click(clear, [state, slider, window], [state, image, table, chosen, status], api_name="clear")
+        run.click(segment, [state, name, mode, slider, z0, z1, window], edits, api_name="segment")
+        undo_button.click(undo, [state, slider, window], edits, api_name="undo")
+        remove_button.click(remove, [state, chosen, slider, window], edits, api_name="remove")
+        clear_button.click(clear, [state, slider, window], edits, api_name="clear")
         export_button.click(export, [state, file_format], [downloads, status], api_name="export")
         with gr.Row(visible=False):  # the stateless plugin endpoint: components only to carry files in and out
             plugin_scan, plugin_objects = gr.File(), gr.Textbox()
@@ -195,7 +221,7 @@ def build_app(model, processor, title: str = "DB-SAM: box-prompted medical image
 def segment_file(model, processor, model_intensity, exports: str):
     """A stateless endpoint for plugins: a scan and its objects in, the label map and its legend out."""
 
-    @shows_errors
+    @raises_errors
     def segment_file(scan, objects: str, file_format: str) -> list[str]:
         """Segment every object of `objects` (JSON: [{"name", "box", "key_slice"?}, ...]) in `scan`."""
         if not scan:
