@@ -233,3 +233,26 @@ def test_a_box_drawn_in_a_real_browser_is_segmented_shown_and_downloaded(server,
         np.testing.assert_array_equal(sitk.GetArrayFromImage(written), expected_labels(model, processor))
     finally:
         driver.quit()
+
+
+def test_the_space_entry_file_builds_the_app_from_its_variables(tmp_path, monkeypatch):
+    gradio = pytest.importorskip("gradio")
+    import runpy
+
+    monkeypatch.setenv("DBSAM_MODEL", save_tiny_dbsam(tmp_path / "model", modality="CT"))
+    monkeypatch.setenv("DBSAM_DEVICE", "cpu")
+    space = runpy.run_path(str(Path(__file__).parents[1] / "space" / "app.py"), run_name="space_app")
+    assert isinstance(space["demo"], gradio.Blocks)
+    endpoints = {fn.api_name for fn in space["demo"].fns.values()}
+    assert {"open", "set_box", "segment", "export", "segment_file"} <= endpoints
+    monkeypatch.setenv("DBSAM_MODEL", str(tmp_path / "nowhere"))  # not a folder: taken as a Hub id, offline here
+    with pytest.raises(Exception, match="nowhere"):
+        runpy.run_path(str(Path(__file__).parents[1] / "space" / "app.py"), run_name="space_app")
+
+
+def test_app_command_refuses_a_model_folder_without_processor_before_serving(tmp_path, capsys):
+    from modeling_dbsam.cli import main
+
+    scrambled_tiny_dbsam().save_pretrained(tmp_path / "no_processor")
+    assert main(["app", "--model", str(tmp_path / "no_processor")]) == 2
+    assert "no processor_config.json" in capsys.readouterr().err

@@ -164,8 +164,8 @@ def build_app(model, processor, title: str = "DB-SAM: box-prompted medical image
                 name = gr.Textbox(label="object name", placeholder="e.g. liver", elem_id="object-name")
                 mode = gr.Radio(list(app.MODES), value="slice", label="segment", elem_id="mode")
                 with gr.Row():
-                    z0 = gr.Number(0, precision=0, label="3D box: from slice", minimum=0)
-                    z1 = gr.Number(0, precision=0, label="to slice", minimum=0)
+                    z0 = gr.Number(0, precision=0, label="3D box: from slice", minimum=0, elem_id="z-from")
+                    z1 = gr.Number(0, precision=0, label="to slice", minimum=0, elem_id="z-to")
                 run = gr.Button("Segment", variant="primary", elem_id="segment")
                 with gr.Row():
                     undo_button = gr.Button("Undo last", elem_id="undo")
