@@ -12,9 +12,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
+
+from modeling_dbsam.integrity import check_complete
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk  # imported where used, so that `dbsam --help` stays fast
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
@@ -49,6 +54,8 @@ class MedicalImage:
 
 def _slice_size(path: str) -> tuple[int, int]:
     """A DICOM file's in-plane size from its header alone, without decoding pixels."""
+    import SimpleITK as sitk
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     reader.ReadImageInformation()
@@ -56,6 +63,8 @@ def _slice_size(path: str) -> tuple[int, int]:
 
 
 def _read_dicom_series(directory: Path) -> sitk.Image:
+    import SimpleITK as sitk
+
     reader = sitk.ImageSeriesReader()
     series_ids = reader.GetGDCMSeriesIDs(str(directory))
     if not series_ids:
@@ -78,9 +87,13 @@ def read_image(path: str | os.PathLike) -> MedicalImage:
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` naming the file for
     anything unreadable, truncated or ambiguous.
     """
+    import SimpleITK as sitk
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_file():
+        check_complete(path)  # SimpleITK would fill a short NIfTI with zeros
     try:
         image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as error:  # SimpleITK reports unreadable files as RuntimeError
@@ -95,14 +108,29 @@ def read_image(path: str | os.PathLike) -> MedicalImage:
     return MedicalImage(array=array, reference=image, path=str(path))
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse to replace an existing file unless told to, before any work is done."""
+def check_output_path(
+    path: str | os.PathLike, overwrite: bool = False, inputs: tuple[str | os.PathLike, ...] = ()
+) -> Path:
+    """Refuse, before any work is done: an existing file unless told to, a folder, and any of ``inputs``
+    (even with ``overwrite``: replacing the scan with its mask loses the scan)."""
     path = Path(path)
+    for source in inputs:
+        if _same_file(path, Path(source)):
+            raise ValueError(f"{path}: is the input {source}; refusing to replace the input, even with overwrite")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give a file name for the output")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists; pass overwrite=True (CLI: --overwrite) to replace it")
     if not path.parent.exists():
         raise FileNotFoundError(f"{path.parent}: output folder does not exist")
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file, through symbolic links, hard links and relative paths."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def atomic_write(path: str | os.PathLike, write_to, overwrite: bool = False) -> Path:
@@ -133,6 +161,8 @@ def _current_umask() -> int:
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray, reference: sitk.Image, overwrite: bool = False) -> Path:
     """Write a label mask with exactly the reference image's size, spacing, origin and direction."""
+    import SimpleITK as sitk
+
     expected = tuple(reversed(reference.GetSize()))
     if reference.GetDimension() == 3 and reference.GetSize()[2] == 1 and mask.ndim == 2:
         mask = mask[None]

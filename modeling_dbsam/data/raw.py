@@ -35,7 +35,7 @@ from modeling_dbsam.data.save import atomic_folder, check_output_folder
 from modeling_dbsam.data.schema import encode_image, generate_dataset, label_values, make_example
 from modeling_dbsam.data.splits import assign_splits, parse_split
 from modeling_dbsam.data.tasks import UNKNOWN_TASK, resolve_task
-from modeling_dbsam.intensity import IntensityRule, fit_intensity_rule
+from modeling_dbsam.intensity import IntensityRule, fit_intensity_rule, non_finite_note
 from modeling_dbsam.io import MedicalImage, path_suffix, read_image
 
 COMPONENT_BASE = 1000
@@ -54,6 +54,7 @@ class ImportReport:
     small_objects_dropped: int = 0
     empty_slices_dropped: int = 0
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # cases imported with a remark, e.g. NaN voxels
 
     def summary(self) -> str:
         lines = [f"wrote {self.out_dir} (task: {self.task})"]
@@ -65,6 +66,9 @@ class ImportReport:
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} files or cases:")
             lines += [f"    {reason}" for reason in self.skipped]
+        if self.notes:
+            lines.append(f"  notes on {len(self.notes)} imported cases:")
+            lines += [f"    {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -230,6 +234,9 @@ def _generate(
         except (ValueError, FileNotFoundError) as error:
             report.skipped.append(str(error))
         else:
+            note = non_finite_note(opened.images)
+            if note:
+                report.notes.append(f"{case.image}: {note}")
             count = 0
             for example in case_examples(opened, settings, report):
                 count += 1
