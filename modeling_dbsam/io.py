@@ -9,6 +9,10 @@ spacing is reported in the same order as the array axes.
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,16 +113,22 @@ def read_image(path: str | os.PathLike) -> MedicalImage:
 
 
 def check_output_path(
-    path: str | os.PathLike, overwrite: bool = False, inputs: tuple[str | os.PathLike, ...] = ()
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    inputs: tuple[str | os.PathLike, ...] = (),
+    folder: bool = False,
 ) -> Path:
-    """Refuse, before any work is done: an existing file unless told to, a folder, and any of ``inputs``
-    (even with ``overwrite``: replacing the scan with its mask loses the scan)."""
+    """Refuse, before any work is done: an existing output unless told to, a folder where a file is wanted (or
+    the reverse, with ``folder=True``), and any of ``inputs`` (even with ``overwrite``: replacing the scan with
+    its mask loses the scan)."""
     path = Path(path)
     for source in inputs:
         if _same_file(path, Path(source)):
             raise ValueError(f"{path}: is the input {source}; refusing to replace the input, even with overwrite")
-    if path.is_dir():
+    if path.is_dir() and not folder:
         raise ValueError(f"{path}: is a folder; give a file name for the output")
+    if path.exists() and folder and not path.is_dir():
+        raise FileExistsError(f"{path}: exists and is not a folder")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists; pass overwrite=True (CLI: --overwrite) to replace it")
     if not path.parent.exists():
@@ -151,6 +161,63 @@ def atomic_write(path: str | os.PathLike, write_to, overwrite: bool = False) -> 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+_STAGING = re.compile(r"\.(partial|old)-(\d+)@([^-]*)-")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+
+
+def staging_folder(out_dir: str | os.PathLike, kind: str = "partial") -> Path:
+    """A hidden folder beside ``out_dir`` to build it in, named ``.NAME.KIND-PID@HOST-XXXX`` so that a later run
+    can tell a killed run's leftovers from a running one's; those leftovers are dealt with first
+    (:func:`clean_stale_staging`)."""
+    out_dir = Path(out_dir)
+    clean_stale_staging(out_dir)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{kind}-{os.getpid()}@{_host()}-", dir=out_dir.parent))
+
+
+def clean_stale_staging(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete the ``.NAME.partial-*`` folders that killed runs left beside ``out_dir``; name on stderr the ones
+    that may hold data (a previous output being replaced, or a run of unknown state). Returns what remains."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return []
+    remaining = []
+    for candidate in sorted(out_dir.parent.glob(f".{glob_escape(out_dir.name)}.*-*")):
+        if not candidate.is_dir() or not candidate.name.startswith(f".{out_dir.name}."):
+            continue
+        tail = candidate.name[len(out_dir.name) + 1 :]
+        if not tail.startswith((".partial-", ".old-")):
+            continue
+        match = _STAGING.match(tail)
+        dead = match is not None and match[3] == _host() and not _process_alive(int(match[2]))
+        holds_old_output = match is None or match[1] == "old" or (candidate / "replaced").exists()
+        if dead and not holds_old_output:
+            shutil.rmtree(candidate, ignore_errors=True)
+            print(f"removed {candidate}: left by a killed run (process {match[2]})", file=sys.stderr)
+            continue
+        why = "may hold a previous output" if holds_old_output else "in use by a running process"
+        print(f"note: {candidate}: left beside {out_dir} by another run ({why}); delete it when no run uses it",
+              file=sys.stderr)  # fmt: skip
+        remaining.append(candidate)
+    return remaining
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _current_umask() -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from modeling_dbsam.intensity import to_uint8
+from modeling_dbsam.model_folder import PROCESSOR_FILES, call_loader, check_model_folder, is_hub_id
 
 MODALITY_KEY = "modality"
 WINDOW_KEY = "intensity_window"
@@ -80,7 +81,7 @@ def load_intensity_config(folder: str | os.PathLike) -> IntensityConfig:
 
 def processor_config_path(folder: str | os.PathLike) -> str | None:
     """The processor's JSON in a saved model folder, or ``None`` when the folder has none."""
-    for name in ("processor_config.json", "preprocessor_config.json"):
+    for name in PROCESSOR_FILES:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             return path
@@ -92,18 +93,14 @@ def load_processor(folder: str | os.PathLike):
 
     Always the PIL backend: ``AutoProcessor`` would pick the torchvision one where torchvision is
     installed, whose resizing differs slightly, so masks would depend on the environment.
+    Raises :class:`~modeling_dbsam.model_folder.ModelFolderError` naming the file that is missing or damaged.
     """
     from transformers import AutoProcessor
 
-    local = os.path.isabs(folder) or str(folder).startswith((".", "~"))
-    if local and not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such model folder")
-    if os.path.isdir(folder) and processor_config_path(folder) is None:
-        raise FileNotFoundError(
-            f"{folder}: no processor_config.json or preprocessor_config.json; save the SamProcessor with the "
-            "model (processor.save_pretrained(folder))"
-        )
-    return AutoProcessor.from_pretrained(folder, backend="pil")
+    hub = is_hub_id(folder)
+    if not hub:
+        check_model_folder(folder, need_weights=False)
+    return call_loader(folder, hub, AutoProcessor.from_pretrained, folder, backend="pil")
 
 
 def to_model_rgb(image: np.ndarray, intensity: IntensityConfig) -> np.ndarray:

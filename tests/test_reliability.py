@@ -213,3 +213,85 @@ def test_auto_classes_and_pipeline_find_dbsam_after_a_light_import():
         """
     )
     assert "REGISTERED" in loaded
+
+
+# --- damaged model folders ------------------------------------------------------------------------------------
+
+
+def damaged_copy(model_dir, tmp_path, damage) -> str:
+    import shutil
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(model_dir, folder)
+    damage(folder)
+    return str(folder)
+
+
+DAMAGES = {
+    "truncated weights": (lambda f: cut(f / "model.safetensors", 0.5), r"model.safetensors: truncated"),
+    "empty weights": (lambda f: (f / "model.safetensors").write_bytes(b""), r"model.safetensors: empty"),
+    "missing weights": (lambda f: (f / "model.safetensors").unlink(), r"no model weights"),
+    "bad config": (lambda f: (f / "config.json").write_text("{not json"), r"config.json: not valid JSON"),
+    "bad processor": (
+        lambda f: (f / "processor_config.json").write_text('{"image_processor": '),
+        r"processor_config.json: not valid JSON",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_model_folder_is_one_line_naming_the_file(model_dir, tmp_path, capsys, damage):
+    from modeling_dbsam.model_folder import ModelFolderError, load_model
+    from modeling_dbsam.pipelines import load_pipeline
+    from modeling_dbsam.processing import load_processor
+
+    spoil, message = DAMAGES[damage]
+    folder = damaged_copy(model_dir, tmp_path, spoil)
+    scan = write(mr_volume(), tmp_path / "scan.nii.gz")
+    argv = ["segment", scan, "--model", folder, "--box", "5,5,1,30,30,4", "--output", str(tmp_path / "m.nii.gz")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        len(err.splitlines()) == 1
+        and err.startswith("dbsam segment: error: --model ")
+        and message.split(":")[0] in err
+    )
+    with pytest.raises(ModelFolderError, match=message):
+        load_pipeline(folder)
+    loaders = [load_processor] if damage == "bad processor" else [load_model]
+    for loader in loaders:
+        with pytest.raises(ModelFolderError, match=message):
+            loader(folder)
+
+
+def test_missing_model_folder_is_named_not_taken_for_a_hub_id(tmp_path):
+    from modeling_dbsam.model_folder import ModelFolderError
+    from modeling_dbsam.pipelines import load_pipeline
+
+    for name in ("missing/", str(tmp_path / "nowhere"), "./nowhere"):
+        with pytest.raises(ModelFolderError, match="no such model folder"):
+            load_pipeline(name)
+
+
+def test_hub_id_offline_is_one_line_saying_what_was_tried(tmp_path):
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    scan = write(mr_volume(), tmp_path / "scan.nii.gz")
+    argv = [
+        "segment",
+        scan,
+        "--model",
+        "someone/dbsam-model",
+        "--box",
+        "5,5,1,30,30,4",
+        "--output",
+        str(tmp_path / "m.nii.gz"),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_dbsam.cli", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if "it/s]" not in line]
+    assert (
+        len(lines) == 1
+        and "someone/dbsam-model: not a local folder, and loading it from the Hugging Face Hub failed" in lines[0]
+    )

@@ -52,17 +52,16 @@ def _load_split(data: Path, split: str):
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForMaskGeneration
 
     from modeling_dbsam.evaluation import evaluate_model, get_protocol, load_baseline, model_fingerprint
+    from modeling_dbsam.model_folder import check_model_folder, load_model
     from modeling_dbsam.processing import load_processor
 
     protocol = get_protocol(args.protocol, args.tolerance)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     model_dir, data_dir = Path(args.model).resolve(), Path(args.data).resolve()
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: no config.json; pass a folder written by save_pretrained")
+    check_model_folder(model_dir)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     autocast_dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     if device.type == "cpu" and autocast_dtype == torch.float16:
@@ -71,12 +70,11 @@ def run(args: argparse.Namespace) -> int:
     baselines = [load_baseline(path, protocol) for path in args.baseline]
     dataset = _load_split(data_dir, args.split)
 
-    def load_model():
-        model = AutoModelForMaskGeneration.from_pretrained(str(model_dir)).to(device).eval()
-        return model, load_processor(model_dir)
+    def load_model_and_processor():
+        return load_model(model_dir).to(device).eval(), load_processor(model_dir)
 
     results = evaluate_model(
-        load_model,
+        load_model_and_processor,
         dataset,
         protocol,
         args.output,

@@ -7,7 +7,6 @@ seconds, not a model load.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 
@@ -92,17 +91,14 @@ def check_output(
 
 
 def check_model_folder(folder: str) -> None:
-    from modeling_dbsam.processing import processor_config_path
+    """A local folder is checked in full (config, weights, processor) before the image is read; a Hub id is tried at load."""
+    from modeling_dbsam.model_folder import ModelFolderError, check_model_folder, is_hub_id
 
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--model {folder}: no such folder")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"--model {folder}: no config.json; save the model with model.save_pretrained")
-    if processor_config_path(folder) is None:
-        raise FileNotFoundError(
-            f"--model {folder}: no processor_config.json or preprocessor_config.json; save the SamProcessor "
-            "with the model (processor.save_pretrained)"
-        )
+    if not is_hub_id(folder):
+        try:
+            check_model_folder(folder)
+        except ModelFolderError as error:
+            raise ModelFolderError(f"--model {error}") from None
 
 
 def check_device(device: str) -> None:
@@ -192,13 +188,10 @@ def check_request(args: argparse.Namespace) -> Request:
 
 def load_model_and_processor(folder: str, device: str):
     """The saved model (DB-SAM or SAM, through the auto classes) in eval mode, and its processor."""
-    from transformers import AutoModelForMaskGeneration
-
-    import modeling_dbsam  # noqa: F401  (registers the dbsam model type with the auto classes)
+    from modeling_dbsam.model_folder import load_model
     from modeling_dbsam.processing import load_processor
 
-    model = AutoModelForMaskGeneration.from_pretrained(folder).to(device).eval()
-    return model, load_processor(folder)
+    return load_model(folder).to(device).eval(), load_processor(folder)
 
 
 def prompt_region(request: Request) -> tuple[slice, ...]:
