@@ -29,16 +29,19 @@ def is_hub_id(source: str | os.PathLike) -> bool:
     return not os.path.exists(text) and not text.startswith((".", "/", "~")) and bool(_HUB_ID.match(text))
 
 
-def check_model_folder(folder: str | os.PathLike, need_processor: bool = True, need_weights: bool = True) -> Path:
-    """Check that ``folder`` holds a loadable config, complete weights and (optionally) a processor config."""
+def check_model_folder(
+    folder: str | os.PathLike, need_processor: bool = True, need_weights: bool = True, need_config: bool = True
+) -> Path:
+    """Check that ``folder`` holds a loadable config, complete weights and a processor config (each optional)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFolderError(
             f"{folder}: no such model folder" + (" (a file, not a folder)" if folder.exists() else "")
         )
-    config = _read_json(folder / "config.json", "save the model with model.save_pretrained(folder)")
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ModelFolderError(f"{folder / 'config.json'}: has no model_type; not a transformers model config")
+    if need_config:
+        config = _read_json(folder / "config.json", "save the model with model.save_pretrained(folder)")
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise ModelFolderError(f"{folder / 'config.json'}: has no model_type; not a transformers model config")
     if need_weights:
         weights = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
         if not weights:

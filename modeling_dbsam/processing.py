@@ -25,6 +25,8 @@ from modeling_dbsam.model_folder import PROCESSOR_FILES, call_loader, check_mode
 
 MODALITY_KEY = "modality"
 WINDOW_KEY = "intensity_window"
+SIZE_KEY = "dataset_image_size"
+"""The slice size the training data was stored at (``null``: native); recorded for reference."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,12 @@ def set_intensity_config(processor, modality: str | None, window: tuple[float, f
     image_processor = _image_processor(processor)
     setattr(image_processor, MODALITY_KEY, config.modality)
     setattr(image_processor, WINDOW_KEY, list(config.window) if isinstance(config.window, tuple) else config.window)
+
+
+def set_dataset_preprocessing(processor, preprocessing: dict) -> None:
+    """Record a dataset's preprocessing rule (its card's ``dbsam_preprocessing``) on the processor to be saved."""
+    set_intensity_config(processor, preprocessing.get("modality"), preprocessing.get("intensity_window"))
+    setattr(_image_processor(processor), SIZE_KEY, preprocessing.get("image_size"))
 
 
 def get_intensity_config(processor) -> IntensityConfig:
@@ -99,7 +107,7 @@ def load_processor(folder: str | os.PathLike):
 
     hub = is_hub_id(folder)
     if not hub:
-        check_model_folder(folder, need_weights=False)
+        check_model_folder(folder, need_weights=False, need_config=False)
     return call_loader(folder, hub, AutoProcessor.from_pretrained, folder, backend="pil")
 
 

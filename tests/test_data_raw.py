@@ -200,7 +200,7 @@ def test_bad_cases_are_skipped_counted_and_named(tmp_path):
     reasons = "\n".join(report.skipped)
     assert len(report.skipped) == 4, reasons
     assert "shifted.nii.gz: label map spacing (0.6, 0.5, 2.0) differs from image" in reasons
-    assert "cut_0000.nii.gz: cannot be read" in reasons
+    assert "cut_0000.nii.gz: corrupt or truncated gzip data" in reasons
     assert "lonely_0000.nii.gz: no label map" in reasons
     assert "dicom: DICOM series mixes slice sizes" in reasons
     assert report.cases["train"] == 1 and set(load_medsam_dataset(tmp_path / "out")["train"]["case_id"]) == {"good"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 NAME = "evaluate"
@@ -50,6 +51,27 @@ def _load_split(data: Path, split: str):
     return loaded[split]
 
 
+def warn_if_preprocessing_differs(model_dir: Path, data_dir: Path) -> None:
+    """The test images were made by the rule in the dataset's card; say so when the model was trained on another."""
+    from modeling_dbsam.data.card import read_preprocessing
+    from modeling_dbsam.processing import IntensityConfig, load_intensity_config
+
+    recorded = read_preprocessing(data_dir)
+    if not recorded:
+        return
+    data_rule = IntensityConfig(recorded.get("modality"), recorded.get("intensity_window"))
+    model_rule = load_intensity_config(model_dir)
+    if model_rule.modality is not None and (model_rule.modality, model_rule.window) != (
+        data_rule.modality,
+        data_rule.window,
+    ):
+        print(
+            f"warning: {data_dir} was prepared with {data_rule.modality} / window {data_rule.window}, but {model_dir} "
+            f"was trained on {model_rule.modality} / window {model_rule.window}",
+            file=sys.stderr,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -67,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cpu" and autocast_dtype == torch.float16:
         raise ValueError("--dtype float16 needs a GPU; use bfloat16 or float32 on CPU")
 
+    warn_if_preprocessing_differs(model_dir, data_dir)
     baselines = [load_baseline(path, protocol) for path in args.baseline]
     dataset = _load_split(data_dir, args.split)
 

@@ -35,7 +35,7 @@ from modeling_dbsam.data.save import atomic_folder, check_output_folder
 from modeling_dbsam.data.schema import encode_image, generate_dataset, label_values, make_example
 from modeling_dbsam.data.splits import assign_splits, parse_split
 from modeling_dbsam.data.tasks import UNKNOWN_TASK, resolve_task
-from modeling_dbsam.intensity import IntensityRule, fit_intensity_rule, non_finite_note
+from modeling_dbsam.intensity import DEFAULT_CT_WINDOW, IntensityRule, fit_intensity_rule, non_finite_note
 from modeling_dbsam.io import MedicalImage, path_suffix, read_image
 
 COMPONENT_BASE = 1000
@@ -339,12 +339,25 @@ def prepare_raw_dataset(
                 label_names=label_names,
                 extra=card_notes,
                 licence=licence,
+                preprocessing=_preprocessing(settings),
             )
             write_card(work / "result", card)
     finally:
         if progress_bars:
             datasets.enable_progress_bars()
     return report
+
+
+def _preprocessing(settings: ImportSettings) -> dict:
+    """The rule recorded in the card (:data:`modeling_dbsam.data.card.PREPROCESSING_KEY`), the CT default window spelt out."""
+    window = settings.window
+    if settings.modality.upper() == "CT" and window is None:
+        window = DEFAULT_CT_WINDOW
+    return {
+        "modality": settings.modality,
+        "intensity_window": window if window is None or isinstance(window, str) else [float(v) for v in window],
+        "image_size": settings.size,
+    }
 
 
 def _intensity_note(settings: ImportSettings) -> str:
