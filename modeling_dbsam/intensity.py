@@ -29,6 +29,13 @@ CT_WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 }
 """Named (level, width) presets in HU."""
 
+MODALITY_FAMILIES = (
+    "CT", "MR", "PET", "SPECT", "Ultrasound", "X-Ray", "Mammography", "Endoscope", "Pathology", "Retinal Image",
+    "Fundus", "OCT", "Dermoscopy", "Microscopy",
+)  # fmt: skip
+"""Modalities by family: ``MR-T1``, ``MR-FLAIR``... are MR. Only CT has its own rule (a window); the rest
+are clipped at percentiles, so a mistyped modality (``CT `` spelt ``TC``) would silently lose its window."""
+
 PERCENTILE_CLIP = (0.5, 99.5)
 """Non-CT modalities are clipped at these percentiles of the non-zero voxels."""
 
@@ -87,6 +94,16 @@ def clip_percentiles(
 ) -> np.ndarray:
     """Clip at percentiles of the non-zero voxels, scale to uint8, keep zero background at 0."""
     return percentile_rule(values, low, high)(values)
+
+
+def check_modality(modality: str) -> str:
+    """``modality`` if its family (the part before ``-``) is one of :data:`MODALITY_FAMILIES`, any case; else an error."""
+    family = modality.split("-")[0].strip().lower() if not modality.lower().startswith("x-ray") else "x-ray"
+    if family not in {known.lower() for known in MODALITY_FAMILIES}:
+        raise ValueError(
+            f"unknown modality {modality!r}; use one of {', '.join(MODALITY_FAMILIES)} (a suffix such as MR-T1 is fine)"
+        )
+    return modality
 
 
 def fit_intensity_rule(

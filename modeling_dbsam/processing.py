@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modeling_dbsam.intensity import to_uint8
+from modeling_dbsam.intensity import check_modality, to_uint8
 from modeling_dbsam.model_folder import PROCESSOR_FILES, call_loader, check_model_folder, is_hub_id
 
 MODALITY_KEY = "modality"
@@ -42,6 +42,7 @@ class IntensityConfig:
             raise ValueError("an intensity window needs a modality (windows apply to CT)")
         if self.modality is not None:
             # The intensity module is the one judge of valid settings: let it reject bad ones.
+            check_modality(self.modality)
             to_uint8(np.zeros(1, dtype=np.float32), self.modality, self.window)
 
     def to_uint8(self, values: np.ndarray) -> np.ndarray:

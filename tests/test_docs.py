@@ -1,6 +1,6 @@
 """The docs run as written: every fenced ```bash and ```python block of README.md and docs/*.md.
 
-How it works (also in docs/contributing.md):
+How it works (also in README.md, "Tests and docs"):
 
 - Pages are found when the tests are collected (README.md, then docs/*.md in name order), so a new
   page is covered without touching this file. One test per page.

@@ -295,3 +295,25 @@ def test_hub_id_offline_is_one_line_saying_what_was_tried(tmp_path):
         len(lines) == 1
         and "someone/dbsam-model: not a local folder, and loading it from the Hugging Face Hub failed" in lines[0]
     )
+
+
+# --- intensity arguments ----------------------------------------------------------------------------------------
+
+
+def test_window_alone_means_ct_and_an_unknown_modality_is_refused(tmp_path, model_dir, capsys):
+    from modeling_dbsam.cli import build_parser
+    from modeling_dbsam.commands.segment import check_request
+    from modeling_dbsam.processing import IntensityConfig
+
+    scan = write(mr_volume(), tmp_path / "scan.nii.gz")
+    base = ["segment", scan, "--model", model_dir, "--box", "5,5,1,30,30,4", "--output", str(tmp_path / "m.nii.gz")]
+    request = check_request(build_parser().parse_args([*base, "--window", "liver"]))
+    assert request.intensity == IntensityConfig("CT", "liver")
+    request = check_request(build_parser().parse_args([*base, "--window=-600,1500"]))
+    assert request.intensity == IntensityConfig("CT", (-600, 1500))
+    assert main([*base, "--modality", "TC"]) == 2
+    assert "unknown modality 'TC'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown modality 'Foo'"):
+        prepare_raw_dataset(tmp_path, tmp_path / "out", modality="Foo")
+    segment_help = build_parser()._subparsers._group_actions[0].choices["segment"].format_help()
+    assert "a negative level needs '=': --window=-600,1500" in " ".join(segment_help.split())

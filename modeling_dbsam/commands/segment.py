@@ -43,7 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--margin", type=float, default=3.0, help="propagated box margin, pixels at 256 px (default: 3)"
     )
     parser.add_argument("--modality", help="override the modality saved with the processor (e.g. CT, MR)")
-    parser.add_argument("--window", help="override the CT window: level,width in HU or a preset name (e.g. liver)")
+    parser.add_argument(
+        "--window",
+        help="override the CT window: LEVEL,WIDTH in HU or a preset name (e.g. liver); implies --modality CT; "
+        "a negative level needs '=': --window=-600,1500",
+    )
 
 
 @dataclass
@@ -135,7 +139,8 @@ def check_request(args: argparse.Namespace) -> Request:
     if window is not None and "," in window:
         window = parse_numbers("--window", window, (2,))
     try:
-        intensity = IntensityConfig(args.modality, window) if args.modality or window else None
+        modality = args.modality or ("CT" if window is not None else None)  # windows are CT's
+        intensity = IntensityConfig(modality, window) if modality else None
     except ValueError as error:
         raise ValueError(f"--modality/--window: {error}") from None
     check_output("--output", args.output, IMAGE_OUTPUTS, args.overwrite, inputs=(args.input,))

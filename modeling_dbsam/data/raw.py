@@ -35,7 +35,13 @@ from modeling_dbsam.data.save import atomic_folder, check_output_folder
 from modeling_dbsam.data.schema import encode_image, generate_dataset, label_values, make_example
 from modeling_dbsam.data.splits import assign_splits, parse_split
 from modeling_dbsam.data.tasks import UNKNOWN_TASK, resolve_task
-from modeling_dbsam.intensity import DEFAULT_CT_WINDOW, IntensityRule, fit_intensity_rule, non_finite_note
+from modeling_dbsam.intensity import (
+    DEFAULT_CT_WINDOW,
+    IntensityRule,
+    check_modality,
+    fit_intensity_rule,
+    non_finite_note,
+)
 from modeling_dbsam.io import MedicalImage, path_suffix, read_image
 
 COMPONENT_BASE = 1000
@@ -252,6 +258,7 @@ def _settings(raw_dir: Path, modality, task, window, labels, size, min_size, com
         if named is None:
             raise ValueError("pass the modality (e.g. --modality CT) or a task of the 30 (e.g. --task 'CT Liver')")
         modality = named.modality
+    check_modality(modality)
     same_family = named is not None and named.modality.split("-")[0] == modality.split("-")[0]
     if task is None:
         task = named.name if same_family else UNKNOWN_TASK
