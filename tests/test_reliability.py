@@ -139,7 +139,12 @@ def test_segment_warns_when_the_mask_is_empty_and_says_why(tmp_path, model_dir, 
     assert "warning: the mask is empty: the image is constant (0 everywhere)" in err and not seen[0].any()
     textured = write(mr_volume((4, 32, 32)), tmp_path / "textured.nii.gz")
     assert main(["segment", textured, *argv[2:], "--overwrite"]) == 0
-    assert "warning: the mask is empty: the model found no object in the box" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: the mask is empty: the model found no object in the box" in err
+    assert "records no intensity rule" not in err  # model_dir says MR
+    plain = save_tiny_dbsam(tmp_path / "plain")  # a processor without a rule
+    assert main(["segment", textured, "--model", plain, *argv[4:], "--overwrite"]) == 0
+    assert f"note: {plain} records no intensity rule" in capsys.readouterr().err
     assert not sitk.GetArrayFromImage(sitk.ReadImage(str(out))).any()
 
 

@@ -227,6 +227,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {args.input}: {note}", file=sys.stderr)
     model, processor = load_model_and_processor(args.model, args.device)
     intensity = request.intensity or get_intensity_config(processor)
+    if intensity.modality is None and request.array.dtype != np.uint8:
+        print(
+            f"note: {args.model} records no intensity rule (modality, CT window): {request.array.dtype} values are "
+            "clipped at percentiles; pass --modality/--window to match how the model's training data was made",
+            file=sys.stderr,
+        )
     autocast_dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
     image = request.image
     if image.is_volume:
