@@ -129,11 +129,18 @@ def run_blocks(runnable: list[tuple[int, str, str]], work: Path, name: str) -> t
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
         "MPLBACKEND": "Agg",
+        "PYTHONIOENCODING": "utf-8",
     }
     driver = f"PAGE = {name!r}\nBLOCKS = {runnable!r}\n" + DRIVER
     try:
         result = subprocess.run(
-            [sys.executable, "-c", driver], cwd=work, env=env, capture_output=True, text=True, timeout=PAGE_TIMEOUT
+            [sys.executable, "-c", driver],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            encoding="utf-8",
+            errors="replace",  # progress bars draw with Unicode blocks, whatever the locale
+            timeout=PAGE_TIMEOUT,
         )
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"{name}: did not finish in {PAGE_TIMEOUT} s; mark long blocks skipped\n{error.stdout}")

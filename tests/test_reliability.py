@@ -186,7 +186,9 @@ def test_output_naming_a_folder_is_refused(tmp_path, model_dir, capsys):
 
 def _loaded_after(code: str) -> set[str]:
     script = textwrap.dedent(code) + "\nimport sys\nprint(' '.join(sorted(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, encoding="utf-8", errors="replace", timeout=120
+    )
     return set(result.stdout.split())
 
 
@@ -292,7 +294,12 @@ def test_hub_id_offline_is_one_line_saying_what_was_tried(tmp_path):
         str(tmp_path / "m.nii.gz"),
     ]
     result = subprocess.run(
-        [sys.executable, "-m", "modeling_dbsam.cli", *argv], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "modeling_dbsam.cli", *argv],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if "it/s]" not in line]
