@@ -7,7 +7,7 @@ seconds, not a model load.
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 from dataclasses import dataclass
 
 NAME = "segment"
@@ -57,7 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--margin", type=float, default=3.0, help="propagated box margin, pixels at 256 px (default: 3)"
     )
     parser.add_argument("--modality", help="override the modality saved with the processor (e.g. CT, MR)")
-    parser.add_argument("--window", help="override the CT window: level,width in HU or a preset name (e.g. liver)")
+    parser.add_argument(
+        "--window",
+        help="override the CT window: LEVEL,WIDTH in HU or a preset name (e.g. liver); implies --modality CT; "
+        "a negative level needs '=': --window=-600,1500",
+    )
 
 
 @dataclass
@@ -83,7 +87,9 @@ def parse_numbers(flag: str, text: str | None, counts: tuple[int, ...]) -> list[
     return values
 
 
-def check_output(flag: str, path: str, allowed: tuple[str, ...], overwrite: bool, what: str = "a mask") -> None:
+def check_output(
+    flag: str, path: str, allowed: tuple[str, ...], overwrite: bool, what: str = "a mask", inputs: tuple[str, ...] = ()
+) -> None:
     """Refuse a file type that cannot hold ``what`` and an existing file (unless ``overwrite``), naming ``flag``."""
     from modeling_dbsam.io import check_output_path, path_suffix
 
@@ -95,23 +101,20 @@ def check_output(flag: str, path: str, allowed: tuple[str, ...], overwrite: bool
             f"{flag} {path}: {suffix or 'no suffix'} cannot hold {what}{reason}; use {', '.join(allowed)}"
         )
     try:
-        check_output_path(path, overwrite)
-    except (FileExistsError, FileNotFoundError) as error:
+        check_output_path(path, overwrite, inputs)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
         raise type(error)(f"{flag} {error}") from None
 
 
 def check_model_folder(folder: str) -> None:
-    from modeling_dbsam.processing import processor_config_path
+    """A local folder is checked in full (config, weights, processor) before the image is read; a Hub id is tried at load."""
+    from modeling_dbsam.model_folder import ModelFolderError, check_model_folder, is_hub_id
 
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--model {folder}: no such folder")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"--model {folder}: no config.json; save the model with model.save_pretrained")
-    if processor_config_path(folder) is None:
-        raise FileNotFoundError(
-            f"--model {folder}: no processor_config.json or preprocessor_config.json; save the SamProcessor "
-            "with the model (processor.save_pretrained)"
-        )
+    if not is_hub_id(folder):
+        try:
+            check_model_folder(folder)
+        except ModelFolderError as error:
+            raise ModelFolderError(f"--model {error}") from None
 
 
 def check_device(device: str) -> None:
@@ -150,13 +153,21 @@ def check_request(args: argparse.Namespace) -> Request:
     if window is not None and "," in window:
         window = parse_numbers("--window", window, (2,))
     try:
-        intensity = IntensityConfig(args.modality, window) if args.modality or window else None
+        modality = args.modality or ("CT" if window is not None else None)  # windows are CT's
+        intensity = IntensityConfig(modality, window) if modality else None
     except ValueError as error:
         raise ValueError(f"--modality/--window: {error}") from None
-    check_output("--output", args.output, (*IMAGE_OUTPUTS, DICOM_SEG_OUTPUT), args.overwrite)
+    check_output("--output", args.output, (*IMAGE_OUTPUTS, DICOM_SEG_OUTPUT), args.overwrite, inputs=(args.input,))
     check_legend_output(args.output, args.overwrite)
     if args.overlay is not None:
-        check_output("--overlay", args.overlay, (".png",), args.overwrite, what="the overlay, a PNG picture")
+        check_output(
+            "--overlay",
+            args.overlay,
+            (".png",),
+            args.overwrite,
+            "the overlay, a PNG picture",
+            (args.input, args.output),
+        )
     check_model_folder(args.model)
     check_device(args.device)
 
@@ -175,7 +186,8 @@ def check_request(args: argparse.Namespace) -> Request:
             args.output,
             (*VOLUME_OUTPUTS, DICOM_SEG_OUTPUT),
             args.overwrite,
-            what="a 3D mask with its geometry",
+            "a 3D mask with its geometry",
+            (args.input,),
         )
         for box in boxes:
             if len(box) != 6:
@@ -247,27 +259,46 @@ def check_dicom_seg_input(path: str) -> None:
 
 def load_model_and_processor(folder: str, device: str):
     """The saved model (DB-SAM or SAM, through the auto classes) in eval mode, and its processor."""
-    from transformers import AutoModelForMaskGeneration
-
-    import modeling_dbsam  # noqa: F401  (registers the dbsam model type with the auto classes)
+    from modeling_dbsam.model_folder import load_model
     from modeling_dbsam.processing import load_processor
 
-    model = AutoModelForMaskGeneration.from_pretrained(folder).to(device).eval()
-    return model, load_processor(folder)
+    return load_model(folder).to(device).eval(), load_processor(folder)
+
+
+def prompt_region(prompt) -> tuple[slice, ...]:
+    """The part of the image an object's box covers: its slices and rectangle (the key slice's when propagated)."""
+    if prompt.key_slice is not None:
+        x0, y0, x1, y1 = (int(round(v)) for v in prompt.box)
+        return (prompt.key_slice, slice(y0, y1 + 1), slice(x0, x1 + 1))
+    if len(prompt.box) == 6:
+        x0, y0, z0, x1, y1, z1 = (int(round(v)) for v in prompt.box)
+        return (slice(z0, z1 + 1), slice(y0, y1 + 1), slice(x0, x1 + 1))
+    x0, y0, x1, y1 = (int(round(v)) for v in prompt.box)
+    return (slice(y0, y1 + 1), slice(x0, x1 + 1))
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from modeling_dbsam.inference import save_overlay
+    from modeling_dbsam.inference import empty_mask_reason, save_overlay
+    from modeling_dbsam.intensity import non_finite_note
     from modeling_dbsam.io import path_suffix, write_mask
     from modeling_dbsam.objects import legend_path, segment_objects, write_legend
     from modeling_dbsam.processing import get_intensity_config, to_model_rgb
 
     request = check_request(args)
+    note = non_finite_note(request.array)
+    if note:
+        print(f"note: {args.input}: {note}", file=sys.stderr)
     model, processor = load_model_and_processor(args.model, args.device)
     intensity = request.intensity or get_intensity_config(processor)
+    if intensity.modality is None and request.array.dtype != np.uint8:
+        print(
+            f"note: {args.model} records no intensity rule (modality, CT window): {request.array.dtype} values are "
+            "clipped at percentiles; pass --modality/--window to match how the model's training data was made",
+            file=sys.stderr,
+        )
     autocast_dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
     image = request.image
     label_map = segment_objects(
@@ -291,14 +322,17 @@ def run(args: argparse.Namespace) -> int:
         single_png = path_suffix(args.output) == ".png" and len(request.objects) == 1
         write_mask(args.output, labels * 255 if single_png else labels, image.reference, overwrite=args.overwrite)
     write_legend(legend_path(args.output), label_map, overwrite=args.overwrite)
-    for entry in label_map.legend()["objects"]:
+    shown = intensity.to_uint8(request.array) if image.is_volume else to_model_rgb(request.array, intensity)
+    for entry, prompt in zip(label_map.legend()["objects"], request.objects):
         voxels = labels == entry["value"]
         slices = np.flatnonzero(voxels.reshape(len(voxels), -1).any(axis=1)) if voxels.ndim == 3 else []
         where = f" in slices {slices.min()}..{slices.max()}" if len(slices) else ""
         print(f"{entry['value']} {entry['name']}: {entry['voxels']} voxels{where}")
+        if not entry["voxels"]:
+            which = "the mask" if len(request.objects) == 1 else f"the mask of {entry['name']!r}"
+            print(f"warning: {which} is empty: {empty_mask_reason(shown, prompt_region(prompt))}", file=sys.stderr)
     print(f"wrote {args.output} and {legend_path(args.output)}")
     if args.overlay:
-        shown = intensity.to_uint8(request.array) if image.is_volume else to_model_rgb(request.array, intensity)
         save_overlay(args.overlay, shown, labels > 0, overwrite=args.overwrite, max_panels=args.overlay_slices)
         print(f"wrote {args.overlay}")
     return 0
