@@ -103,19 +103,35 @@ class _SliceEncoder:
     ``batch_size - 1`` encodings of slices past the object's end.
     """
 
-    def __init__(self, model, processor, slices: np.ndarray, batch_size: int, autocast_dtype: torch.dtype | None):
+    def __init__(
+        self,
+        model,
+        processor,
+        slices: np.ndarray,
+        batch_size: int,
+        autocast_dtype: torch.dtype | None,
+        keep: bool = False,
+    ):
         self.model, self.processor, self.slices = model, processor, slices
         self.batch_size, self.autocast_dtype = batch_size, autocast_dtype
+        self.keep = keep  # keep embeddings after use, for several objects on the same slices
         self.cache: dict[int, EncodedImages] = {}
+
+    def encode(self, indexes: Sequence[int]) -> None:
+        """Encode the slices not yet cached, ``batch_size`` at a time."""
+        indexes = [i for i in dict.fromkeys(indexes) if i not in self.cache]
+        for start in range(0, len(indexes), self.batch_size):
+            batch = indexes[start : start + self.batch_size]
+            encoded = encode_images(
+                self.model, self.processor, [gray_to_rgb(self.slices[i]) for i in batch], self.autocast_dtype
+            )
+            self.cache.update({i: encoded.select(k) for k, i in enumerate(batch)})
 
     def __call__(self, z: int, direction: int) -> EncodedImages:
         if z not in self.cache:
             ahead = range(z, z + direction * self.batch_size, direction)
-            indexes = [i for i in ahead if 0 <= i < len(self.slices) and i not in self.cache]
-            images = [gray_to_rgb(self.slices[i]) for i in indexes]
-            encoded = encode_images(self.model, self.processor, images, self.autocast_dtype)
-            self.cache.update({i: encoded.select(k) for k, i in enumerate(indexes)})
-        return self.cache.pop(z)
+            self.encode([i for i in ahead if 0 <= i < len(self.slices)])
+        return self.cache[z] if self.keep else self.cache.pop(z)
 
 
 def segment_volume(
@@ -193,11 +209,12 @@ def overlay_montage(
     candidates = holding if holding.size else np.arange(len(volume))
     picks = np.linspace(0, len(candidates) - 1, min(max_panels, len(candidates))).round().astype(int)
     chosen = candidates[np.unique(picks)]
-    empty = not holding.size
-    panels = []
-    for z in chosen:
-        label = f"z={z}" if len(volume) > 1 else ""
-        panels.append(_outlined_panel(volume[z], masks[z], panel_size, label, _box_on_slice(box, z), empty))
+    empty = "" if holding.size else "EMPTY MASK"  # say so on the picture, not only on the terminal
+    labels = [" ".join(filter(None, (f"z={z}" if len(volume) > 1 else "", empty))) for z in chosen]
+    panels = [
+        _outlined_panel(volume[z], masks[z], panel_size, label, _box_on_slice(box, z))
+        for z, label in zip(chosen, labels)
+    ]
     columns = min(columns, len(panels))
     rows = -(-len(panels) // columns)
     height, width = panels[0].shape[:2]
@@ -224,10 +241,9 @@ def _outlined_panel(
     panel_size: int,
     label: str,
     box: tuple[float, float, float, float] | None = None,
-    empty: bool = False,
 ) -> np.ndarray:
     """One slice scaled to fit ``panel_size``, the mask's outline drawn in orange at display resolution, the box
-    prompt in cyan, and "empty mask" in red when the whole prediction is empty."""
+    prompt in cyan, the label in yellow (red when it reports an empty mask)."""
     scale = panel_size / max(image.shape[:2])
     size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
     panel = Image.fromarray(gray_to_rgb(image)).resize(size, Image.Resampling.BILINEAR)
@@ -241,10 +257,23 @@ def _outlined_panel(
         x0, y0, x1, y1 = (value * scale for value in box)
         draw.rectangle((x0, y0, x1 + scale - 1, y1 + scale - 1), outline=PROMPT_COLOUR)
     if label:
-        draw.text((4, 4), label, fill=(255, 255, 0))
-    if empty:
-        draw.text((4, size[1] - 14), "empty mask", fill=(255, 60, 60))
+        draw.text((4, 4), label, fill=(255, 64, 64) if "EMPTY" in label else (255, 255, 0))
     return np.asarray(panel)
+
+
+def empty_mask_reason(image: np.ndarray, region: tuple[slice, ...]) -> str:
+    """Why a mask may have come out empty, judged from the uint8 ``image`` the model saw and the prompt's ``region``."""
+    if image.min() == image.max():
+        return (
+            f"the image is constant ({int(image.min())} everywhere) after the intensity rule: check the modality "
+            "and window (--modality, --window) and the input's values"
+        )
+    inside = image[region]
+    if inside.size and inside.min() == inside.max():
+        return (
+            f"the box covers a constant region ({int(inside.min())}): check the box coordinates (x = column, y = row)"
+        )
+    return "the model found no object in the box"
 
 
 def save_overlay(

@@ -18,7 +18,7 @@ from modeling_dbsam import DBSamModel
 from modeling_dbsam.boxes import box_prompt
 from modeling_dbsam.evaluation import PAPER
 from modeling_dbsam.metrics import dice_score
-from modeling_dbsam.predictor import BoxPrediction, predict_boxes
+from modeling_dbsam.predictor import predict_boxes
 from modeling_dbsam.processing import load_processor
 from modeling_dbsam.scenes import generate_scene
 
@@ -99,22 +99,17 @@ def test_dbsam_segment_without_model_uses_the_shipped_one_and_says_so(tmp_path, 
     assert "EMPTY" not in captured.out
 
 
-def test_dbsam_segment_says_so_when_the_mask_is_empty(tmp_path, capsys, monkeypatch):
-    from PIL import Image
+def test_overlay_draws_the_box_prompt_and_flags_an_empty_mask():
+    from modeling_dbsam.inference import PROMPT_COLOUR, overlay_montage
 
-    import modeling_dbsam.predictor as predictor
-    from modeling_dbsam.cli import main
-
-    def finds_nothing(model, processor, images, boxes, *args, **kwargs):
-        shape = np.asarray(images[0]).shape[:2]
-        return [BoxPrediction(np.zeros((1, *shape), bool), np.zeros(1, np.float32), np.zeros((1, 64, 64)))]
-
-    monkeypatch.setattr(predictor, "predict_boxes", finds_nothing)
-    Image.fromarray(np.full((128, 128), 90, np.uint8)).save(tmp_path / "flat.png")
-    argv = ["segment", str(tmp_path / "flat.png"), "--box", "10,10,40,40", "--output", str(tmp_path / "m.png")]
-    assert main([*argv, "--overlay", str(tmp_path / "o.png")]) == 0
-    out = capsys.readouterr().out
-    assert "0 voxels" in out and "mask is EMPTY" in out
-    overlay = np.asarray(Image.open(tmp_path / "o.png")).astype(int)
-    assert (overlay[..., 0] - overlay[..., 1] > 100).any()  # "empty mask" written in red on a grey image
-    assert (overlay == (0, 220, 255)).all(axis=-1).any()  # the box prompt drawn in cyan
+    flat = np.full((128, 128), 90, np.uint8)
+    empty = overlay_montage(flat, np.zeros((128, 128), bool), max_panels=1, box=(10, 10, 40, 40)).astype(int)
+    red = lambda picture: ((picture[..., 0] > 200) & (picture[..., 1] < 100)).any()  # noqa: E731
+    assert red(empty)  # "EMPTY MASK" written in red on a grey image
+    cyan = (empty == PROMPT_COLOUR).all(axis=-1)
+    rows, columns = np.nonzero(cyan)
+    assert (rows.min(), columns.min()) == (20, 20) and (rows.max(), columns.max()) == (81, 81)  # 128 -> 256 px
+    mask = np.zeros((128, 128), bool)
+    mask[20:30, 20:30] = True
+    found = overlay_montage(flat, mask, max_panels=1).astype(int)
+    assert not red(found) and not (found == PROMPT_COLOUR).all(axis=-1).any()

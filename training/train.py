@@ -110,7 +110,7 @@ class Training:
             )
         set_seed(args.seed)  # identical random init (adapters, or the whole model from model_config) on every rank
         model = build_model(config.model)
-        self.processor = build_processor(config.model, model.config)
+        self.processor = build_processor(config.model, model.config, config.data.data)
         self.trainable_parameters = model.freeze_for_training()
         if args.gradient_checkpointing:
             model.activation_checkpointing_enable()
