@@ -10,13 +10,11 @@ Each folder is a ``from_pretrained`` folder with its processor and a model card 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 PRETRAINED_DIR = Path(__file__).resolve().parent
 SMALL_SAM = "small-sam"
 DEFAULT_MODEL = "small-dbsam-brain"
-REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json")
 DEFAULT_MODEL_NOTICE = (
     "using the default model {folder}: a SMALL DEMONSTRATION DB-SAM (128 px input, a few MB) fine-tuned on "
     "one brain MR (MNI Colin27 with AAL structures) from a SAM pretrained on generated scenes; it is no "
@@ -27,36 +25,19 @@ DEFAULT_MODEL_NOTICE = (
 
 def model_folder(name: str) -> Path:
     """The folder of the shipped model ``name``, checked: a missing or damaged folder raises one clear error."""
+    from modeling_dbsam.model_folder import ModelFolderError, check_model_folder
+
     folder = PRETRAINED_DIR / name
     if not folder.is_dir():
         raise FileNotFoundError(
             f"the shipped model {name!r} is missing: no folder {folder}. Reinstall the package, or pass a model "
             "folder of your own"
         )
-    missing = [file for file in REQUIRED_FILES if not (folder / file).is_file()]
-    if missing:
-        raise FileNotFoundError(f"the shipped model {folder} is incomplete: {', '.join(missing)} missing; reinstall")
     try:
-        json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        _check_safetensors(folder / "model.safetensors")
-    except (ValueError, OSError) as error:
-        raise ValueError(f"the shipped model {folder} is damaged ({error}); reinstall the package") from None
+        check_model_folder(folder)
+    except ModelFolderError as error:
+        raise ModelFolderError(f"the shipped model {name!r} is damaged ({error}); reinstall the package") from None
     return folder
-
-
-def _check_safetensors(path: Path) -> None:
-    """Read the header and check that the file holds every byte it declares (catches truncated copies)."""
-    with open(path, "rb") as handle:
-        size_bytes = handle.read(8)
-        if len(size_bytes) != 8:
-            raise ValueError(f"{path.name} is too short to be a safetensors file")
-        header_size = int.from_bytes(size_bytes, "little")
-        header = json.loads(handle.read(header_size))
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    if path.stat().st_size < 8 + header_size + end:
-        raise ValueError(
-            f"{path.name} is truncated: {path.stat().st_size} bytes, header declares {8 + header_size + end}"
-        )
 
 
 def default_model_folder() -> Path:
