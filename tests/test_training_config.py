@@ -85,6 +85,12 @@ def test_config_errors_name_the_problem(tmp_path, base, change, message):
     assert message in str(error.value)
 
 
+def test_fsdp_on_a_machine_without_gpus_is_refused_before_any_work(tmp_path, base, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
+    with pytest.raises(ConfigError, match="FSDP was requested but needs CUDA GPUs"):
+        parse_config(["--config", write_yaml(tmp_path, base)])
+
+
 def test_a_wrong_command_line_type_or_unknown_option_stops_argparse(tmp_path, base, capsys):
     path = write_yaml(tmp_path, base)
     with pytest.raises(SystemExit):

@@ -242,7 +242,7 @@ def check_engines(options: argparse.Namespace) -> None:
     fsdp = options.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp:
         _check(not deepspeed, "choose one of FSDP and DeepSpeed")
-        _check(torch.distributed.is_available(), "FSDP was requested but this PyTorch has no torch.distributed")
+        _check(torch.cuda.is_available(), "FSDP was requested but needs CUDA GPUs: on CPU, Accelerate runs DDP only")
     if options.fp16 and not torch.cuda.is_available():
         raise ConfigError("fp16 needs a CUDA GPU (loss scaling); on this machine use bf16 or full precision")
 
