@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from transformers import TrainerState
 from arguments import CONFIG_FILE_NAME, ConfigError, parse_config
 from tiny import tiny_sam_config_dict
 from training_support import TRAINING_DIR, make_dataset, write_tiny_model_config
+from transformers import TrainerState
 
 
 @pytest.fixture(scope="module")
