@@ -36,7 +36,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from modeling_dbsam.data import SamBoxTransform, collate_batch
 from modeling_dbsam.io import atomic_write
 from modeling_dbsam.losses import bce_dice_loss
-from modeling_dbsam.pixels import SamPixels
+from modeling_dbsam.pixels import SamPixels, conv_input_size
 
 logger = logging.getLogger("dbsam.train")
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -80,6 +80,14 @@ class DBSamTrainer(Trainer):
         inputs = {name: value for name, value in batch.items() if name in self.input_names}
         if self.pixels is not None and inputs["pixel_values"].dtype == torch.uint8:
             inputs["pixel_values"] = self.pixels.normalize(inputs["pixel_values"], batch["reshaped_input_sizes"])
+        if (
+            self.pixels is not None
+            and "conv_pixel_values" in inputs
+            and inputs["conv_pixel_values"].dtype == torch.uint8
+        ):
+            inputs["conv_pixel_values"] = self.pixels.normalize_conv(
+                inputs["conv_pixel_values"], batch["original_sizes"]
+            )
         return inputs
 
     # ---- the step -------------------------------------------------------------------------------------------
@@ -303,6 +311,7 @@ def build_trainer(config: RunConfig) -> DBSamTrainer:
         horizontal_flip=config.data.horizontal_flip,
         seed=args.seed,
         normalize=not SamPixels.supports(processor),
+        conv_size=conv_input_size(model),  # I_conv from each native image, as the paper does
         passthrough=(),
     )
     with args.main_process_first(local=False, desc="output_dir"):
