@@ -15,12 +15,12 @@ depend only on (seed, epoch, step), so a run killed and resumed ends with the we
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import datasets
@@ -41,6 +41,7 @@ from modeling_dbsam.pixels import SamPixels, conv_input_size
 logger = logging.getLogger("dbsam.train")
 EVAL_RESULTS_FILE = "eval_results.json"
 EVALUATIONS_DIR = "evaluations"  # per-case scores and the summary of every evaluation, inside output_dir
+NOT_MODEL_INPUTS = ("labels", "original_sizes", "reshaped_input_sizes")
 STAGING_DIR = ".saving"  # a checkpoint is written here, then renamed into output_dir when complete
 
 
@@ -57,13 +58,6 @@ class DBSamTrainer(Trainer):
         self.config, self.transform, self.processor = config, transform, transform.processor
         self.model_accepts_loss_kwargs = False  # the loss is a per-batch mean: Trainer scales it for accumulation
         self.pixels = SamPixels(self.processor) if not transform.normalize else None
-        self.input_names = {
-            name
-            for cls in type(self.model).__mro__
-            if "forward" in vars(cls)
-            for name, p in inspect.signature(cls.forward).parameters.items()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in ("self", "labels")
-        }
         self._staging: Path | None = None
         self._seeded = (-1, 0)  # (optimizer step, micro-batches seeded in it)
         self._loss_terms = torch.zeros(3)  # bce, dice, micro-batches since the last log
@@ -76,8 +70,8 @@ class DBSamTrainer(Trainer):
         return EpochShuffleSampler(len(train_dataset or self.train_dataset), self.args.seed, self.transform.set_epoch)
 
     def model_inputs(self, batch: dict) -> dict:
-        """Every batch entry the model's forward takes; uint8 pixels normalised here, on the device."""
-        inputs = {name: value for name, value in batch.items() if name in self.input_names}
+        """Every batch entry but the targets and sizes goes to the model; uint8 pixels are normalised here, on the device."""
+        inputs = {name: value for name, value in batch.items() if name not in NOT_MODEL_INPUTS}
         if self.pixels is not None and inputs["pixel_values"].dtype == torch.uint8:
             inputs["pixel_values"] = self.pixels.normalize(inputs["pixel_values"], batch["reshaped_input_sizes"])
         if (
@@ -328,6 +322,10 @@ def build_trainer(config: RunConfig) -> DBSamTrainer:
 
 
 def setup_logging() -> None:
+    # DDP: the channel attention's depthwise kernels (C, 1, 3, 3) get gradients whose strides differ from the
+    # parameter's only on the size-1 dimension, the same memory layout (tests/test_training_run.py checks that
+    # no other parameter differs); DDP copies them into its bucket as they are.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides", category=UserWarning)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     datasets.utils.logging.set_verbosity_warning()
