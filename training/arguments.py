@@ -29,10 +29,9 @@ CONFIG_FILE_NAME = "training_config.yaml"  # the resolved configuration, saved i
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Fields a resumed run may change: they do not change what is computed.
 RUN_CONTROL_FIELDS = frozenset(
-    {"resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "logging_first_step", "report_to"}
-    | {"disable_tqdm", "dataloader_num_workers", "dataloader_pin_memory", "save_total_limit", "save_steps"}
-    | {"per_device_eval_batch_size", "eval_accumulation_steps", "push_to_hub", "hub_model_id", "hub_strategy"}
-    | {"hub_private_repo", "hub_token", "run_name", "use_cpu"}
+    "resume_from_checkpoint overwrite_output_dir logging_steps logging_first_step report_to disable_tqdm use_cpu "  # noqa: SIM905
+    "dataloader_num_workers dataloader_pin_memory save_total_limit save_steps per_device_eval_batch_size run_name "
+    "eval_accumulation_steps push_to_hub hub_model_id hub_strategy hub_private_repo hub_token output_dir".split()
 )
 
 
@@ -40,34 +39,28 @@ class ConfigError(ValueError):
     """A configuration problem found before training starts."""
 
 
+def option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelArguments:
     """Which model to train. Adapter fields left unset keep the checkpoint's (or DBSamConfig's) value."""
 
-    model: str | None = field(
-        default=None,
-        metadata={"help": "SAM, MedSAM or DB-SAM checkpoint: a local folder or a Hub id (facebook/sam-vit-base)."},
-    )
-    model_config: str | None = field(
-        default=None,
-        metadata={"help": "A DBSamConfig/SamConfig JSON file: build a randomly initialised model from it instead."},
-    )
-    processor: str | None = field(
-        default=None,
-        metadata={"help": "Folder of the SamProcessor to use; defaults to --model's, or one matching --model_config."},
-    )
-    use_channel_attention: bool | None = field(default=None, metadata={"help": "Channel attention blocks (Eq. 1)."})
-    use_conv_branch: bool | None = field(default=None, metadata={"help": "Conv branch + bilateral cross-attention."})
-    use_fusion: bool | None = field(default=None, metadata={"help": "ViT-Conv fusion (Eq. 2)."})
-    adapter_dropout: float | None = field(default=None, metadata={"help": "Dropout in the adapters (paper: 0.4)."})
-    adapter_drop_path_rate: float | None = field(default=None, metadata={"help": "Drop path on adapters (0.4)."})
-    adapter_init: Literal["paper", "identity"] | None = field(default=None, metadata={"help": "Adapter init."})
-    train_neck: bool | None = field(default=None, metadata={"help": "Train SAM's neck too (the authors do)."})
+    model: str | None = option(None, "SAM, MedSAM or DB-SAM checkpoint: a folder or a Hub id (facebook/sam-vit-base).")
+    model_config: str | None = option(None, "A DBSamConfig/SamConfig JSON file: a randomly initialised model.")
+    processor: str | None = option(None, "SamProcessor folder; defaults to --model's, or one fitting --model_config.")
+    use_channel_attention: bool | None = option(None, "Channel attention blocks (Eq. 1).")
+    use_conv_branch: bool | None = option(None, "Conv branch + bilateral cross-attention.")
+    use_fusion: bool | None = option(None, "ViT-Conv fusion (Eq. 2).")
+    adapter_dropout: float | None = option(None, "Dropout in the adapters (paper: 0.4).")
+    adapter_drop_path_rate: float | None = option(None, "Drop path on adapters (paper: 0.4).")
+    adapter_init: Literal["paper", "identity"] | None = option(None, "Adapter initialisation.")
+    train_neck: bool | None = option(None, "Train SAM's neck too (the authors do).")
 
     def config_overrides(self) -> dict[str, Any]:
         """The adapter fields that were set, as DBSamConfig keyword arguments."""
-        names = ("use_channel_attention", "use_conv_branch", "use_fusion", "adapter_dropout")
-        names += ("adapter_drop_path_rate", "adapter_init", "train_neck")
+        names = [f.name for f in dataclasses.fields(self)][3:]  # after model, model_config, processor
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
@@ -75,55 +68,38 @@ class ModelArguments:
 class DataArguments:
     """The dataset: a ``DatasetDict`` folder written by ``save_to_disk`` (``modeling_dbsam.data`` schema)."""
 
-    data: str | None = field(default=None, metadata={"help": "Dataset folder written by DatasetDict.save_to_disk."})
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str = field(default="test", metadata={"help": "Split to evaluate on during training."})
-    max_box_shift: int = field(
-        default=20, metadata={"help": "Box jitter: each side moves out by randint(0, max_box_shift) px at 256 px."}
-    )
-    horizontal_flip: float = field(
-        default=0.0,
-        metadata={"help": "Probability of mirroring a training example left-right (the paper uses no augmentation)."},
-    )
-    eval_protocol: Literal["paper", "physical"] = field(default="paper", metadata={"help": "Evaluation protocol."})
+    data: str | None = option(None, "Dataset folder written by DatasetDict.save_to_disk.")
+    train_split: str = option("train", "Split to train on.")
+    eval_split: str = option("test", "Split to evaluate on during training (model selection).")
+    max_box_shift: int = option(20, "Box jitter: each side moves out by randint(0, max_box_shift) px at 256 px.")
+    horizontal_flip: float = option(0.0, "Probability of mirroring a training example (the paper uses none).")
+    eval_protocol: Literal["paper", "physical"] = option("paper", "Evaluation protocol.")
 
 
 @dataclass
 class DBSamTrainingArguments(TrainingArguments):
     """transformers' ``TrainingArguments`` with the paper's recipe as defaults, and a few compatibility fields."""
 
-    output_dir: str | None = field(default=None, metadata={"help": "Where the trained model and checkpoints go."})
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start over in a non-empty output_dir (its checkpoints are deleted)."}
-    )
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "'latest' (newest complete checkpoint in output_dir) or a checkpoint folder."}
-    )
-    num_train_epochs: float = field(default=12, metadata={"help": "Epochs (paper: 12)."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Images per process per micro-batch."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (paper: 1e-4)."})
-    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay, not on biases and norms (0.01)."})
-    lr_scheduler_type: SchedulerType | str = field(
-        default="polynomial", metadata={"help": "transformers' scheduler name."}
-    )
-    lr_end: float = field(default=0.0, metadata={"help": "polynomial: learning rate at the end of the decay."})
-    lr_power: float = field(default=1.0, metadata={"help": "polynomial: power of the decay."})
-    warmup_ratio: float = field(
-        default=0.0, metadata={"help": "Warmup as a fraction of all steps (if warmup_steps=0)."}
-    )
-    eval_strategy: IntervalStrategy | str = field(
-        default="epoch", metadata={"help": "When to evaluate on eval_split: no, steps, epoch."}
-    )
-    logging_steps: float = field(default=10, metadata={"help": "Log loss, lr and grad norm every N steps."})
-    report_to: None | str | list[str] = field(
-        default="tensorboard", metadata={"help": "Trackers (comma-separated) or none."}
-    )
-    save_total_limit: int | None = field(default=3, metadata={"help": "Keep the last K checkpoints (and the best)."})
-    save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps; 0: at every epoch end."})
-    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay false: the transform needs them."})
-    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "Every trainable part is used."})
-    dataloader_pin_memory: bool = field(default=torch.cuda.is_available(), metadata={"help": "Pinned host memory."})
+    output_dir: str | None = option(None, "Where the trained model and checkpoints go.")
+    overwrite_output_dir: bool = option(False, "Start over in a non-empty output_dir (its checkpoints are deleted).")
+    resume_from_checkpoint: str | None = option(None, "'latest' (newest complete checkpoint) or a checkpoint folder.")
+    num_train_epochs: float = option(12, "Epochs (paper: 12).")
+    per_device_train_batch_size: int = option(4, "Images per process per micro-batch.")
+    learning_rate: float = option(1e-4, "Peak learning rate (paper: 1e-4).")
+    weight_decay: float = option(0.01, "Weight decay, not on biases and norms (paper: 0.01).")
+    lr_scheduler_type: SchedulerType | str = option("polynomial", "transformers' scheduler name.")
+    lr_end: float = option(0.0, "polynomial: learning rate at the end of the decay.")
+    lr_power: float = option(1.0, "polynomial: power of the decay.")
+    warmup_ratio: float = option(0.0, "Warmup as a fraction of all steps (where warmup_steps is 0).")
+    eval_strategy: IntervalStrategy | str = option("epoch", "When to evaluate on eval_split: no, steps, epoch.")
+    logging_steps: float = option(10, "Log loss, lr and grad norm every N steps.")
+    report_to: None | str | list[str] = option("tensorboard", "Trackers (comma-separated), all or none.")
+    save_total_limit: int | None = option(3, "Keep the last K checkpoints (and the best).")
+    save_steps: float = option(500, "Checkpoint every N steps; 0: at every epoch end.")
+    disable_tqdm: bool = option(False, "No progress bars.")
+    remove_unused_columns: bool = option(False, "Must stay false: the box transform reads every column.")
+    ddp_find_unused_parameters: bool | None = option(False, "Every trainable part gets a gradient.")
+    dataloader_pin_memory: bool = option(torch.cuda.is_available(), "Pinned host memory for the batches.")
 
     def __post_init__(self):
         if self.lr_scheduler_type == "polynomial" and not self.lr_scheduler_kwargs:
@@ -132,8 +108,7 @@ class DBSamTrainingArguments(TrainingArguments):
             self.warmup_steps = self.warmup_ratio  # transformers 5 reads warmup_steps < 1 as a ratio
         if self.save_steps == 0 and self.save_strategy == SaveStrategy.STEPS:
             self.save_strategy = SaveStrategy.EPOCH
-        if self.eval_strategy == IntervalStrategy.STEPS and self.eval_steps is None:
-            raise ConfigError("eval_strategy steps needs eval_steps >= 1")
+        _check(self.eval_strategy != IntervalStrategy.STEPS or self.eval_steps, "eval_strategy steps needs eval_steps")
         super().__post_init__()
 
 
@@ -349,8 +324,11 @@ def validate_output_dir(config: RunConfig) -> None:
     saved_path = checkpoint.parent / CONFIG_FILE_NAME
     _check(saved_path.is_file(), f"{checkpoint.parent} holds no {CONFIG_FILE_NAME}: it is not a run to resume")
     saved, current = yaml.safe_load(saved_path.read_text(encoding="utf-8")), config.to_dict()
-    ignored = RUN_CONTROL_FIELDS | {"output_dir", "logging_dir"}
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if k not in ignored and saved.get(k) != v]
+    changed = [
+        f"{k}: {saved.get(k)!r} -> {v!r}"
+        for k, v in current.items()
+        if k not in RUN_CONTROL_FIELDS and saved.get(k) != v
+    ]
     _check(
         not changed,
         f"{checkpoint} belongs to a run with a different configuration ({'; '.join(changed)}); resuming needs the "
