@@ -104,13 +104,14 @@ def test_a_wrong_command_line_type_or_unknown_option_stops_argparse(tmp_path, ba
         parse_config(["--config", path, "--lr_schedular_type", "cosine"])
 
 
-def test_train_py_reports_config_errors_in_one_line_before_any_work(tmp_path, base, capsys):
+def test_train_py_reports_config_errors_in_one_line_before_any_work(tmp_path, base, capsys, monkeypatch):
     import train
 
+    monkeypatch.setattr(train, "build_model", lambda *args: pytest.fail("a model was loaded"))
     path = write_yaml(tmp_path, {**base, "max_steps": "ten"})
     assert train.main(["--config", path]) == 2
     assert "max_steps must be int, got 'ten'" in capsys.readouterr().err
-    # Found only once the eval split is read (it holds 3D tasks alone), still before output_dir is touched.
+    # Found only once the eval split is read (it holds 3D tasks alone), still before a model or output_dir.
     path = write_yaml(tmp_path, {**base, "metric_for_best_model": "dsc_2d", "report_to": "none"})
     assert train.main(["--config", path]) == 2
     assert "metric_for_best_model 'dsc_2d' cannot be computed on eval_split 'test'" in capsys.readouterr().err

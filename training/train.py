@@ -70,18 +70,13 @@ class DBSamTrainer(Trainer):
         return EpochShuffleSampler(len(train_dataset or self.train_dataset), self.args.seed, self.transform.set_epoch)
 
     def model_inputs(self, batch: dict) -> dict:
-        """Every batch entry but the targets and sizes goes to the model; uint8 pixels are normalised here, on the device."""
+        """Every batch entry but targets and sizes goes to the model; uint8 pixels are normalised here, on the device."""
         inputs = {name: value for name, value in batch.items() if name not in NOT_MODEL_INPUTS}
-        if self.pixels is not None and inputs["pixel_values"].dtype == torch.uint8:
+        if self.pixels is not None and inputs["pixel_values"].dtype == torch.uint8:  # as loader workers send them
             inputs["pixel_values"] = self.pixels.normalize(inputs["pixel_values"], batch["reshaped_input_sizes"])
-        if (
-            self.pixels is not None
-            and "conv_pixel_values" in inputs
-            and inputs["conv_pixel_values"].dtype == torch.uint8
-        ):
-            inputs["conv_pixel_values"] = self.pixels.normalize_conv(
-                inputs["conv_pixel_values"], batch["original_sizes"]
-            )
+            if "conv_pixel_values" in inputs:
+                conv = self.pixels.normalize_conv(inputs["conv_pixel_values"], batch["original_sizes"])
+                inputs["conv_pixel_values"] = conv
         return inputs
 
     # ---- the step -------------------------------------------------------------------------------------------
@@ -99,9 +94,8 @@ class DBSamTrainer(Trainer):
         logits = outputs.pred_masks[:, :, 0]
         losses = bce_dice_loss(logits, inputs["labels"].to(logits.dtype))
         loss = losses.loss.detach()
-        self._last_loss = torch.where(
-            torch.isfinite(self._last_loss.to(loss.device)), loss, self._last_loss.to(loss.device)
-        )
+        previous = self._last_loss.to(loss.device)
+        self._last_loss = torch.where(torch.isfinite(previous), loss, previous)
         terms = torch.stack([losses.bce.detach(), losses.dice.detach(), torch.ones_like(loss)])
         self._loss_terms = self._loss_terms.to(loss.device) + terms
         return (losses.loss, outputs) if return_outputs else losses.loss
@@ -285,18 +279,16 @@ def prepare_output_dir(config: RunConfig) -> None:
 
 
 def build_trainer(config: RunConfig) -> DBSamTrainer:
-    """Model, data and Trainer of a run; refuses what the data cannot give before output_dir is touched."""
+    """Data, model and Trainer of a run; refuses what the data cannot give before a model is loaded."""
     args = config.training
-    transformers.set_seed(
-        args.seed
-    )  # identical random init (adapters, or the whole model from model_config) on every rank
-    model = build_model(config.model)
-    processor = build_processor(config.model, model.config)
-    model.freeze_for_training()
     splits = datasets.load_from_disk(config.data.data)
     eval_set = splits[config.data.eval_split] if args.eval_strategy != "no" else None
     if eval_set is not None:
         check_eval_set(eval_set, config)
+    transformers.set_seed(args.seed)  # identical random init (adapters, or all from model_config) on every rank
+    model = build_model(config.model)
+    processor = build_processor(config.model, model.config)
+    model.freeze_for_training()
     # Box jitter is a function of (seed, epoch, example); loader workers only resize: uint8 batches (a quarter of
     # the bytes) are normalised on the device, by the processor's own table.
     transform = SamBoxTransform(
