@@ -71,7 +71,7 @@ def launch(tmp_path, arguments: list[str], kill_after_step: int = 0) -> subproce
 
 
 def test_two_processes_agree_share_the_data_and_resume_bitwise_after_sigkill(tmp_path):
-    data = make_dataset(tmp_path / "arrow", num_train=8, num_test=4)
+    data = make_dataset(tmp_path / "arrow", num_train=8, num_test=4, num_validation=4)
     model_config = write_tiny_model_config(tmp_path / "model.json")
     common = ["--use_cpu", "--model_config", str(model_config), "--data", str(data), "--num_train_epochs", "2"]
     common += ["--per_device_train_batch_size", "1", "--eval_strategy", "epoch", "--save_steps", "3"]
@@ -91,9 +91,12 @@ def test_two_processes_agree_share_the_data_and_resume_bitwise_after_sigkill(tmp
     state = TrainerState.load_from_json(str(alone / "checkpoint-8" / "trainer_state.json"))
     assert state.global_step == 8 and [e["step"] for e in state.log_history if "eval_dsc" in e] == [4]
     assert sorted(p.name for p in (alone / "evaluations").iterdir()) == ["step-4", "step-8"]  # after each epoch
-    # Both processes scored a share of the test cases (2 cases of 2 slices), and the shares were combined.
+    # Both processes scored a share of the validation cases (2 cases of 2 slices), and the shares were combined.
     shares = [(alone / "evaluations" / "step-4" / f"cases-{rank}.jsonl").read_text().splitlines() for rank in (0, 1)]
-    assert sorted(json.loads(line)["case_id"] for share in shares for line in share) == ["test-case-0", "test-case-1"]
+    assert sorted(json.loads(line)["case_id"] for share in shares for line in share) == [
+        "validation-case-0",
+        "validation-case-1",
+    ]
 
     # SIGKILL after the mid-epoch checkpoint of step 3; the resumed run ends bitwise where the one left alone did.
     result = launch(tmp_path, [*common, "--output_dir", str(killed)], kill_after_step=3)

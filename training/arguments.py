@@ -50,6 +50,7 @@ class ModelArguments:
     model: str | None = option(None, "SAM, MedSAM or DB-SAM checkpoint: a folder or a Hub id (facebook/sam-vit-base).")
     model_config: str | None = option(None, "A DBSamConfig/SamConfig JSON file: a randomly initialised model.")
     processor: str | None = option(None, "SamProcessor folder; defaults to --model's, or one fitting --model_config.")
+    adapter_variant: Literal["paper", "authors"] | None = option(None, "Adapters as the paper or the authors' code.")
     use_channel_attention: bool | None = option(None, "Channel attention blocks (Eq. 1).")
     use_conv_branch: bool | None = option(None, "Conv branch + bilateral cross-attention.")
     use_fusion: bool | None = option(None, "ViT-Conv fusion (Eq. 2).")
@@ -70,7 +71,9 @@ class DataArguments:
 
     data: str | None = option(None, "Dataset folder written by DatasetDict.save_to_disk.")
     train_split: str = option("train", "Split to train on.")
-    eval_split: str = option("test", "Split to evaluate on during training (model selection).")
+    eval_split: str = option("validation", "Split that evaluation during training (model selection) reads; not test.")
+    validation_fraction: float = option(0.0, "If > 0: carve this fraction of train_split's cases as 'validation'.")
+    validation_seed: int = option(0, "Seed of the case-level validation carve.")
     max_box_shift: int = option(20, "Box jitter: each side moves out by randint(0, max_box_shift) px at 256 px.")
     horizontal_flip: float = option(0.0, "Probability of mirroring a training example (the paper uses none).")
     eval_protocol: Literal["paper", "physical"] = option("paper", "Evaluation protocol.")
@@ -99,6 +102,7 @@ class DBSamTrainingArguments(TrainingArguments):
     disable_tqdm: bool = option(False, "No progress bars.")
     remove_unused_columns: bool = option(False, "Must stay false: the box transform reads every column.")
     ddp_find_unused_parameters: bool | None = option(False, "Every trainable part gets a gradient.")
+    sync_batch_norm: bool | None = option(None, "SyncBatchNorm in the conv branch; default: on with >1 GPU process.")
     dataloader_pin_memory: bool = option(torch.cuda.is_available(), "Pinned host memory for the batches.")
 
     def __post_init__(self):
@@ -253,11 +257,28 @@ def validate(config: RunConfig) -> None:
     _check(data_path.is_dir(), f"data {data_path}: no such folder")
     splits = _dataset_splits(data_path)
     _check(data.train_split in splits, f"train_split {data.train_split!r} not in {data_path} (splits: {splits})")
+    fraction = data.validation_fraction
+    _check(0.0 <= fraction < 1.0, f"validation_fraction must be in [0, 1), got {fraction}")
+    if fraction > 0:
+        _check(
+            data.eval_split == "validation",
+            f"validation_fraction carves the split named 'validation'; set eval_split: validation, not {data.eval_split!r}",
+        )
+        _check(
+            "validation" not in splits, f"data {data_path} has its own validation split: set validation_fraction: 0"
+        )
     evaluates = train.eval_strategy != IntervalStrategy.NO
     if evaluates:
         _check(
-            data.eval_split in splits,
-            f"eval_split {data.eval_split!r} not in {data_path} (splits: {splits}); or set eval_strategy: no",
+            data.eval_split != "test",
+            "eval_split 'test': evaluation during training selects the model, so it must not read the test split; "
+            "evaluate on a validation split (the dataset's, or validation_fraction: 0.1 to carve one from "
+            "train_split by case) and score the test split once with `dbsam evaluate` after training",
+        )
+        _check(
+            data.eval_split in splits or fraction > 0,
+            f"eval_split {data.eval_split!r} not in {data_path} (splits: {splits}); set validation_fraction "
+            "(e.g. 0.1) to carve a validation split from train_split by case, or eval_strategy: no",
         )
     _check(data.max_box_shift >= 0, f"max_box_shift must be >= 0, got {data.max_box_shift}")
     _check(0.0 <= data.horizontal_flip <= 1.0, f"horizontal_flip must be in [0, 1], got {data.horizontal_flip}")

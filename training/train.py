@@ -27,13 +27,14 @@ import datasets
 import torch
 import transformers
 from arguments import CONFIG_FILE_NAME, ConfigError, RunConfig, latest_checkpoint, parse_config, resolve_checkpoint
-from model_setup import build_model, build_processor
+from model_setup import build_model, build_processor, convert_to_sync_batch_norm, wants_sync_batch_norm
 from periodic_eval import available_metrics, evaluate_during_training
 from reproducibility import EpochShuffleSampler, derive_seed
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from modeling_dbsam.data import SamBoxTransform, collate_batch
+from modeling_dbsam.data.splits import carve_validation
 from modeling_dbsam.io import atomic_write
 from modeling_dbsam.losses import bce_dice_loss
 from modeling_dbsam.pixels import SamPixels, conv_input_size
@@ -252,6 +253,18 @@ def fsync_folder(path: Path) -> None:
         os.close(fd)
 
 
+def training_and_eval_sets(config: RunConfig) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The training split and the split that selects the model: the dataset's own, or one carved from the
+    training split by case (``validation_fraction``). The test split is left to ``dbsam evaluate``."""
+    data = config.data
+    splits = datasets.load_from_disk(data.data)
+    train_set = splits[data.train_split]
+    if data.validation_fraction > 0:
+        train_set, validation = carve_validation(train_set, data.validation_fraction, data.validation_seed)
+        splits = {**splits, "validation": validation}
+    return train_set, splits[data.eval_split] if config.training.eval_strategy != "no" else None
+
+
 def check_eval_set(eval_set: datasets.Dataset, config: RunConfig) -> None:
     """The eval split is not empty and yields metric_for_best_model (a 2D metric needs 2D tasks...)."""
     if len(eval_set) == 0:
@@ -281,14 +294,15 @@ def prepare_output_dir(config: RunConfig) -> None:
 def build_trainer(config: RunConfig) -> DBSamTrainer:
     """Data, model and Trainer of a run; refuses what the data cannot give before a model is loaded."""
     args = config.training
-    splits = datasets.load_from_disk(config.data.data)
-    eval_set = splits[config.data.eval_split] if args.eval_strategy != "no" else None
+    train_set, eval_set = training_and_eval_sets(config)
     if eval_set is not None:
         check_eval_set(eval_set, config)
     transformers.set_seed(args.seed)  # identical random init (adapters, or all from model_config) on every rank
     model = build_model(config.model)
     processor = build_processor(config.model, model.config)
     model.freeze_for_training()
+    if wants_sync_batch_norm(args.sync_batch_norm, args.world_size, args.device):
+        convert_to_sync_batch_norm(model)
     # Box jitter is a function of (seed, epoch, example); loader workers only resize: uint8 batches (a quarter of
     # the bytes) are normalised on the device, by the processor's own table.
     transform = SamBoxTransform(
@@ -305,7 +319,7 @@ def build_trainer(config: RunConfig) -> DBSamTrainer:
     return DBSamTrainer(
         model=model,
         args=args,
-        train_dataset=splits[config.data.train_split].with_transform(transform),
+        train_dataset=train_set.with_transform(transform),
         eval_dataset=eval_set,
         data_collator=collate_batch,
         config=config,
