@@ -37,7 +37,9 @@ def test_yaml_values_are_typed_and_the_command_line_overrides_them(tmp_path, bas
     assert isinstance(config.training.learning_rate, float)
     assert (config.training.max_steps, config.training.seed, config.training.bf16) == (9, 5, False)
     assert config.model.config_overrides() == {"use_fusion": False}
-    variant = parse_config(["--config", path, "--adapter_variant", "authors"]).model.config_overrides()
+    variant = parse_config(
+        ["--config", path, "--adapter_variant", "authors", "--bf16", "false"]
+    ).model.config_overrides()
     assert variant == {"adapter_variant": "authors", "use_fusion": False}
     assert config.data.max_box_shift == 20  # the paper's default where neither sets it
     # transformers' own options and the project's recipe defaults, in one TrainingArguments
