@@ -166,6 +166,8 @@ def test_conv_branch_batch_norm_becomes_sync_batch_norm_with_the_same_state():
         ({"lr_end": 1.0}, "lr_end must be in [0, learning_rate)"),
         ({"report_to": "tensorbored"}, "report_to 'tensorbored' is not a tracker"),
         ({"optim": "adamw_typo"}, "optim must be one of"),
+        ({"report_to": "aim"}, "report_to 'aim' is not a tracker"),
+        ({"report_to": "comet_ml"}, "report_to 'comet_ml': its package is not installed"),
         ({"deepspeed": "ds_config.json"}, "DeepSpeed was requested but is not installed"),
         ({"fp16": True}, "fp16 needs a CUDA GPU"),
         ({"metric_for_best_model": "dice"}, "metric_for_best_model 'dice' is not an evaluation metric"),

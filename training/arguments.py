@@ -22,7 +22,7 @@ import yaml
 from periodic_eval import SUMMARY_METRICS, is_metric_name
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
-from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
 CONFIG_FILE_NAME = "training_config.yaml"  # the resolved configuration, saved in output_dir
@@ -291,6 +291,7 @@ def validate(config: RunConfig) -> None:
     trackers = sorted(INTEGRATION_TO_CALLBACK)
     for name in set(train.report_to) - {"none", "all"}:
         _check(name in trackers, f"report_to {name!r} is not a tracker: use {', '.join(trackers)}, all or none")
+        _check(name in get_available_reporting_integrations(), f"report_to {name!r}: its package is not installed")
     _check(not train.dataloader_persistent_workers, "dataloader_persistent_workers would freeze the box jitter")
     if train.metric_for_best_model is not None:
         _check(evaluates, "metric_for_best_model needs evaluation: set eval_strategy steps or epoch")
