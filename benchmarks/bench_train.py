@@ -79,9 +79,17 @@ def measure_loop(loop: str, steps: int, warmup: int) -> dict:
     from reproducibility import derive_seed
     from transformers import TrainerCallback
 
-    argv = ["--config", str(root / "training/configs/quickstart.yaml"), "--output_dir", f"/tmp/bench-train-{loop}"]
-    argv += ["--overwrite_output_dir", "--max_steps", str(warmup + steps), "--report_to", "none", "--disable_tqdm"]
-    argv += ["--save_strategy", "no", "--logging_steps", "1000", "--data", str(root / "data/sample")]
+    argv = [
+        "--model_config",
+        str(root / "training/configs/quickstart_model.json"),
+        "--data",
+        str(root / "data/sample"),
+    ]
+    argv += ["--output_dir", f"/tmp/bench-train-{loop}", "--overwrite_output_dir", "--seed", "0"]
+    argv += ["--max_steps", str(warmup + steps), "--per_device_train_batch_size", "4", "--learning_rate", "1e-3"]
+    argv += ["--adapter_dropout", "0.1", "--adapter_drop_path_rate", "0.1", "--horizontal_flip", "0.5"]
+    argv += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm"]
+    argv += ["--logging_steps", "1000"]
     trainer = train.build_trainer(train.parse_config(argv))
     times, setup = [], {}
 
