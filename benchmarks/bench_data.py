@@ -15,7 +15,7 @@
     Variants run interleaved, repeated; the report gives min and median examples/s, the median ratio
     to ``plain``, and CPU milliseconds per example (the process and its finished workers), which the
     shared machine's load inflates less than wall time.
-    Slices are real: axial slices of the mricron brain MR with AAL atlas labels, at 256 x 256.
+    Slices are real: axial slices of the mricron brain MR with AAL atlas labels (data/brain_slab), at 256 x 256.
 (b) ``features``: reading the image column as numpy from ``Image()`` (PNG) against a fixed-size
     ``Array3D`` column, and the bytes each takes on disk.
 (c) ``processor``: where ``SamImageProcessorPil`` spends its time on one 256 -> 1024 image (cProfile), and
@@ -44,8 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-MR = "/usr/share/mricron/templates/ch2.nii.gz"
-ATLAS = "/usr/share/mricron/templates/aal.nii.gz"
+SLAB = Path(__file__).resolve().parents[1] / "data" / "brain_slab"  # axial slices 60-86 of mricron's ch2 / aal
+MR = SLAB / "ch2_z60-86.nii.gz"
+ATLAS = SLAB / "aal_z60-86.nii.gz"
 
 
 def make_npy_layout(folder: Path, slices: int) -> None:
@@ -53,18 +54,19 @@ def make_npy_layout(folder: Path, slices: int) -> None:
     import SimpleITK as sitk
     from PIL import Image
 
-    mr = sitk.GetArrayFromImage(sitk.ReadImage(MR))
-    atlas = sitk.GetArrayFromImage(sitk.ReadImage(ATLAS))
+    mr = sitk.GetArrayFromImage(sitk.ReadImage(str(MR)))
+    atlas = sitk.GetArrayFromImage(sitk.ReadImage(str(ATLAS)))
     keep = np.isin(atlas, [7, 8, 85, 86]) * atlas
     (folder / "npy_images").mkdir(parents=True)
     (folder / "npy_gts").mkdir()
-    for z in np.linspace(60, 120, slices).astype(int):
+    for index in range(slices):
+        z = index % len(mr)  # the slab has 27 slices: cycle through them when more are asked for
         image = np.asarray(Image.fromarray(mr[z]).resize((256, 256), Image.Resampling.BICUBIC))
         labels = np.asarray(Image.fromarray(keep[z].astype(np.uint8)).resize((256, 256), Image.Resampling.NEAREST))
         np.savez_compressed(
-            folder / "npy_images" / f"MR_Brain_colin-{z:03d}.npz", img=np.repeat(image[..., None], 3, -1)
+            folder / "npy_images" / f"MR_Brain_colin-{index:03d}.npz", img=np.repeat(image[..., None], 3, -1)
         )
-        np.save(folder / "npy_gts" / f"MR_Brain_colin-{z:03d}.npy", labels)
+        np.save(folder / "npy_gts" / f"MR_Brain_colin-{index:03d}.npy", labels)
 
 
 def plain_loop(folder: Path, processor, limit: int) -> int:

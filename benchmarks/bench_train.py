@@ -42,7 +42,12 @@ def measure(model_name: str, checkpointing: bool, steps: int, warmup: int, image
     from modeling_dbsam.losses import bce_dice_loss
 
     torch.manual_seed(0)
-    config = DBSamConfig(**CONFIGS[model_name])
+    grid = image_size // 16  # ViT-B's patch size
+    config = DBSamConfig(
+        vision_config={"image_size": image_size},  # the other ViT-B defaults stay
+        prompt_encoder_config={"image_size": image_size, "image_embedding_size": grid},
+        **CONFIGS[model_name],
+    )
     model = DBSamModel(config)
     trainable = model.freeze_for_training()
     if checkpointing:
@@ -50,7 +55,7 @@ def measure(model_name: str, checkpointing: bool, steps: int, warmup: int, image
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
     pixel_values = torch.randn(1, 3, image_size, image_size)
-    boxes = torch.tensor([[[200.0, 300.0, 600.0, 700.0]]])
+    boxes = torch.tensor([[[200.0, 300.0, 600.0, 700.0]]]) * image_size / 1024
     mask_size = 4 * config.vision_config.image_size // config.vision_config.patch_size
     labels = torch.zeros(1, 1, mask_size, mask_size)
     labels[..., 50:90, 60:110] = 1

@@ -23,7 +23,6 @@ import os
 import resource
 import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from transformers.utils import logging as transformers_logging
 
 import modeling_dbsam
 from modeling_dbsam import DBSamConfig, DBSamModel, convert
-from modeling_dbsam.io import check_output_path
+from modeling_dbsam.io import check_output_path, staging_folder
 
 ADAPTERS_OFF = {"use_channel_attention": False, "use_conv_branch": False, "use_fusion": False}
 # Meta's published file names, so that cards can name the Hub model they came from.
@@ -263,7 +262,7 @@ def publish(staging: Path, output_dir: Path) -> None:
     """Move the finished folder into place; an old one (only with --overwrite) goes last."""
     previous = None
     if output_dir.exists():
-        previous = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+        previous = staging_folder(output_dir, "old")
         os.replace(output_dir, previous / output_dir.name)
     os.replace(staging, output_dir)
     if previous is not None:
@@ -271,16 +270,14 @@ def publish(staging: Path, output_dir: Path) -> None:
 
 
 def convert_checkpoint(args: argparse.Namespace) -> Path:
-    output_dir = check_output_path(Path(args.output_dir), args.overwrite)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir}: exists and is not a folder")
+    output_dir = check_output_path(Path(args.output_dir), args.overwrite, inputs=(args.checkpoint,), folder=True)
     adapter_kwargs = adapter_options(args)
     source = load_source(args.checkpoint, args.decoder_num_heads)
     print(f"loaded {source.description}")
     config = dbsam_config(source.config, adapter_kwargs)
     model = build_dbsam(config, source.weights)
     source.weights = {}  # the model now holds the only reference to the tensors
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    staging = staging_folder(output_dir)  # also removes what a killed conversion left
     try:
         model.save_pretrained(staging, max_shard_size=args.max_shard_size)
         source.processor.save_pretrained(staging)

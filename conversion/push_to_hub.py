@@ -31,6 +31,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import SamProcessor
 
 from modeling_dbsam import DBSamConfig, DBSamModel
+from modeling_dbsam.model_folder import check_model_folder
 
 # `dbsam evaluate` writes results.json; training writes eval_results.json and training_config.yaml.
 RESULTS_FILES = ("results.json", "eval_results.json")
@@ -64,6 +65,7 @@ def checked_model(folder: Path) -> dbsam_card.ModelFacts:
             f"{folder}: config.json has model_type {model_type!r}, not 'dbsam'; convert SAM checkpoints with "
             "conversion/convert_sam_to_dbsam.py first"
         )
+    check_model_folder(folder)
     try:
         model, info = DBSamModel.from_pretrained(folder, output_loading_info=True)
     except (OSError, RuntimeError) as error:
@@ -235,7 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print("dry run: nothing was uploaded")
         return 0
-    print(f"uploaded: {upload(plan, args.commit_message)}")
+    try:
+        url = upload(plan, args.commit_message)
+    except Exception as error:  # httpx / huggingface_hub errors: offline, no token, no rights; say it in one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(
+            f"push_to_hub: error: uploading {args.folder} to the Hub repo {plan.repo_id} failed "
+            f"({type(error).__name__}: {reason}); check the network and your token (hf auth login)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"uploaded: {url}")
     return 0
 
 

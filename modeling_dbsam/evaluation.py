@@ -1,6 +1,6 @@
 """Evaluate a box-prompted model on a dataset split and report the paper's tables (DSC and NSD per task).
 
-Scoring (paper section 3.1, DESIGN.md section 6):
+Scoring (paper section 3.1; the authors' evaluation code):
 - An object is a ``(case_id, label)`` of one task. A 3D object is scored as one volume: its
   per-slice masks stacked in ``slice_index`` order; slices inside its range that have no example
   (no foreground on import) are empty in both prediction and ground truth. A 2D object is one

@@ -183,7 +183,9 @@ def overlay_montage(
     candidates = holding if holding.size else np.arange(len(volume))
     picks = np.linspace(0, len(candidates) - 1, min(max_panels, len(candidates))).round().astype(int)
     chosen = candidates[np.unique(picks)]
-    panels = [_outlined_panel(volume[z], masks[z], panel_size, f"z={z}" if len(volume) > 1 else "") for z in chosen]
+    empty = "" if holding.size else "EMPTY MASK"  # say so on the picture, not only on the terminal
+    labels = [" ".join(filter(None, (f"z={z}" if len(volume) > 1 else "", empty))) for z in chosen]
+    panels = [_outlined_panel(volume[z], masks[z], panel_size, label) for z, label in zip(chosen, labels)]
     columns = min(columns, len(panels))
     rows = -(-len(panels) // columns)
     height, width = panels[0].shape[:2]
@@ -205,8 +207,23 @@ def _outlined_panel(image: np.ndarray, mask: np.ndarray, panel_size: int, label:
     pixels[outline] = (255, 128, 0)
     panel = Image.fromarray(pixels)
     if label:
-        ImageDraw.Draw(panel).text((4, 4), label, fill=(255, 255, 0))
+        ImageDraw.Draw(panel).text((4, 4), label, fill=(255, 64, 64) if "EMPTY" in label else (255, 255, 0))
     return np.asarray(panel)
+
+
+def empty_mask_reason(image: np.ndarray, region: tuple[slice, ...]) -> str:
+    """Why a mask may have come out empty, judged from the uint8 ``image`` the model saw and the prompt's ``region``."""
+    if image.min() == image.max():
+        return (
+            f"the image is constant ({int(image.min())} everywhere) after the intensity rule: check the modality "
+            "and window (--modality, --window) and the input's values"
+        )
+    inside = image[region]
+    if inside.size and inside.min() == inside.max():
+        return (
+            f"the box covers a constant region ({int(inside.min())}): check the box coordinates (x = column, y = row)"
+        )
+    return "the model found no object in the box"
 
 
 def save_overlay(

@@ -25,6 +25,7 @@ from transformers import AutoModelForMaskGeneration, Pipeline, SamProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from modeling_dbsam.io import read_image
+from modeling_dbsam.model_folder import call_loader, check_model_folder, is_hub_id
 from modeling_dbsam.predictor import Prompts, predict_prompts
 from modeling_dbsam.processing import IntensityConfig, get_intensity_config, load_processor, to_model_rgb
 
@@ -130,6 +131,21 @@ class PromptableMaskGenerationPipeline(Pipeline):
         if model_outputs["multimask"]:
             return {"masks": model_outputs["masks"], "scores": model_outputs["scores"]}
         return {"masks": model_outputs["masks"][:, 0], "scores": model_outputs["scores"][:, 0]}
+
+
+def load_pipeline(model: str | os.PathLike, **kwargs) -> PromptableMaskGenerationPipeline:
+    """``pipeline("promptable-mask-generation", model=model, **kwargs)`` with the model checked first.
+
+    ``transformers.pipeline`` reports a mistyped folder as an invalid Hub repo id and a damaged one with a
+    raw loading error; this raises :class:`~modeling_dbsam.model_folder.ModelFolderError` naming the file.
+    """
+    from transformers import pipeline
+
+    register_pipelines()
+    hub = is_hub_id(model)
+    if not hub:
+        check_model_folder(model)
+    return call_loader(model, hub, pipeline, TASK, model=str(model), **kwargs)
 
 
 def register_pipelines() -> None:

@@ -20,10 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modeling_dbsam.intensity import to_uint8
+from modeling_dbsam.intensity import check_modality, to_uint8
+from modeling_dbsam.model_folder import PROCESSOR_FILES, call_loader, check_model_folder, is_hub_id
 
 MODALITY_KEY = "modality"
 WINDOW_KEY = "intensity_window"
+SIZE_KEY = "dataset_image_size"
+"""The slice size the training data was stored at (``null``: native); recorded for reference."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class IntensityConfig:
             raise ValueError("an intensity window needs a modality (windows apply to CT)")
         if self.modality is not None:
             # The intensity module is the one judge of valid settings: let it reject bad ones.
+            check_modality(self.modality)
             to_uint8(np.zeros(1, dtype=np.float32), self.modality, self.window)
 
     def to_uint8(self, values: np.ndarray) -> np.ndarray:
@@ -56,6 +60,12 @@ def set_intensity_config(processor, modality: str | None, window: tuple[float, f
     image_processor = _image_processor(processor)
     setattr(image_processor, MODALITY_KEY, config.modality)
     setattr(image_processor, WINDOW_KEY, list(config.window) if isinstance(config.window, tuple) else config.window)
+
+
+def set_dataset_preprocessing(processor, preprocessing: dict) -> None:
+    """Record a dataset's preprocessing rule (its card's ``dbsam_preprocessing``) on the processor to be saved."""
+    set_intensity_config(processor, preprocessing.get("modality"), preprocessing.get("intensity_window"))
+    setattr(_image_processor(processor), SIZE_KEY, preprocessing.get("image_size"))
 
 
 def get_intensity_config(processor) -> IntensityConfig:
@@ -80,7 +90,7 @@ def load_intensity_config(folder: str | os.PathLike) -> IntensityConfig:
 
 def processor_config_path(folder: str | os.PathLike) -> str | None:
     """The processor's JSON in a saved model folder, or ``None`` when the folder has none."""
-    for name in ("processor_config.json", "preprocessor_config.json"):
+    for name in PROCESSOR_FILES:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             return path
@@ -92,18 +102,14 @@ def load_processor(folder: str | os.PathLike):
 
     Always the PIL backend: ``AutoProcessor`` would pick the torchvision one where torchvision is
     installed, whose resizing differs slightly, so masks would depend on the environment.
+    Raises :class:`~modeling_dbsam.model_folder.ModelFolderError` naming the file that is missing or damaged.
     """
     from transformers import AutoProcessor
 
-    local = os.path.isabs(folder) or str(folder).startswith((".", "~"))
-    if local and not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such model folder")
-    if os.path.isdir(folder) and processor_config_path(folder) is None:
-        raise FileNotFoundError(
-            f"{folder}: no processor_config.json or preprocessor_config.json; save the SamProcessor with the "
-            "model (processor.save_pretrained(folder))"
-        )
-    return AutoProcessor.from_pretrained(folder, backend="pil")
+    hub = is_hub_id(folder)
+    if not hub:
+        check_model_folder(folder, need_weights=False, need_config=False)
+    return call_loader(folder, hub, AutoProcessor.from_pretrained, folder, backend="pil")
 
 
 def to_model_rgb(image: np.ndarray, intensity: IntensityConfig) -> np.ndarray:

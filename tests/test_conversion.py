@@ -508,3 +508,30 @@ def test_release_file_names_give_the_base_model_only_when_the_width_agrees():
     assert convert_sam_to_dbsam.known_base_model(Path("dl/medsam_vit_b.pth"), vit_b) == "wanglab/medsam-vit-base"
     assert convert_sam_to_dbsam.known_base_model(Path("sam_vit_h_4b8939.pth"), vit_b) is None
     assert convert_sam_to_dbsam.known_base_model(Path("my_finetune.pth"), vit_b) is None
+
+
+def test_a_killed_conversions_staging_folder_is_removed_by_the_next_run(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, signal, sys\nfrom modeling_dbsam.io import staging_folder\n"
+         f"work = staging_folder({str(out)!r})\n(work / 'model.safetensors').write_bytes(b'x' * 1000)\n"
+         "os.kill(os.getpid(), signal.SIGKILL)"],
+        capture_output=True,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    assert len(leftovers) == 1 and (leftovers[0] / "model.safetensors").exists()
+    unknown = tmp_path / ".out.partial-abc123"  # an older run's name: its state cannot be told
+    unknown.mkdir()
+    sam = meta_sam(**SMALL_B_LAYOUT)
+    torch.save(sam.state_dict(), tmp_path / "sam.pth")
+    code, _, stderr = run_converter(
+        capsys, "--checkpoint", tmp_path / "sam.pth", "--output-dir", out, "--decoder-num-heads", DECODER_HEADS
+    )
+    assert code == 0, stderr
+    assert not leftovers[0].exists() and f"removed {leftovers[0]}: left by a killed run" in stderr
+    assert unknown.exists() and f"note: {unknown}: left beside {out} by another run" in stderr

@@ -1,4 +1,4 @@
-"""Raw-volume import on the real brain MR + AAL atlas (mricron-data) and on synthetic edge cases.
+"""Raw-volume import on the real brain MR + AAL atlas (data/brain_slab, from mricron-data) and on synthetic edge cases.
 
 Expected values are derived here independently of the import code: voxel counts with numpy,
 MedSAM's percentile rule written out, nearest-neighbour resizing with SimpleITK's resampler.
@@ -7,6 +7,7 @@ MedSAM's percentile rule written out, nearest-neighbour resizing with SimpleITK'
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from brain_slab import ATLAS, FIRST_SLICE, MR
 from PIL import Image
 
 from modeling_dbsam.cli import main as dbsam
@@ -16,8 +17,6 @@ from modeling_dbsam.data.pairing import RawCase, find_glob_cases
 from modeling_dbsam.data.raw import ImportSettings, case_examples, open_case
 from modeling_dbsam.data.splits import assign_splits
 
-MR = "/usr/share/mricron/templates/ch2.nii.gz"
-ATLAS = "/usr/share/mricron/templates/aal.nii.gz"
 LABELS = [7, 47, 48, 85, 86]  # Frontal_Mid_L (from z = 69), Lingual L/R, Temporal_Mid L/R
 SLABS = {"brainA": (60, 66), "brainB": (70, 76), "brainC": (80, 86)}  # z ranges: disjoint "patients"
 
@@ -33,6 +32,7 @@ def brain(tmp_path_factory):
     (root / "labelsTr").mkdir()
     arrays = {}
     for case, (z0, z1) in SLABS.items():
+        z0, z1 = z0 - FIRST_SLICE, z1 - FIRST_SLICE
         image, labels = sitk.Cast(mr[:, :, z0:z1], sitk.sitkFloat32), atlas[:, :, z0:z1]
         sitk.WriteImage(image, str(root / "imagesTr" / f"{case}_0000.nii.gz"))
         sitk.WriteImage(labels, str(root / "labelsTr" / f"{case}.nii.gz"))
@@ -288,7 +288,7 @@ def test_bad_cases_are_skipped_counted_and_named(tmp_path):
     reasons = "\n".join(report.skipped)
     assert len(report.skipped) == 4, reasons
     assert "shifted.nii.gz: label map spacing (0.6, 0.5, 2.0) differs from image" in reasons
-    assert "cut_0000.nii.gz: cannot be read" in reasons
+    assert "cut_0000.nii.gz: corrupt or truncated gzip data" in reasons
     assert "lonely_0000.nii.gz: no label map" in reasons
     assert "dicom: DICOM series mixes slice sizes" in reasons
     assert report.cases["train"] == 1 and set(load_medsam_dataset(tmp_path / "out")["train"]["case_id"]) == {"good"}

@@ -17,6 +17,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from modeling_dbsam import DBSamModel
 from modeling_dbsam.intensity import clip_percentiles, window_ct
+from modeling_dbsam.model_folder import ModelFolderError
 from modeling_dbsam.pipelines import TASK, PromptableMaskGenerationPipeline, register_pipelines
 from modeling_dbsam.pixels import conv_input_size, processor_conv_pixel_values
 from modeling_dbsam.processing import (
@@ -231,9 +232,9 @@ def test_bad_images_are_refused(seg, image, tmp_path):
 
 def test_a_folder_without_processor_config_names_the_missing_file(tmp_path):
     scrambled_tiny_dbsam().save_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no processor_config.json or preprocessor_config.json"):
+    with pytest.raises(ModelFolderError, match="no processor_config.json or preprocessor_config.json"):
         pipeline(TASK, model=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="no such model folder"):
+    with pytest.raises(ModelFolderError, match="no such model folder"):
         load_processor(tmp_path / "missing")
 
 

@@ -14,7 +14,7 @@ TINY_MASK_SIZE = 64  # low-res mask side: 4x the ViT grid (32 / 2 = 16), as 256 
 
 
 def tiny_sam_config_dict() -> dict:
-    """Keyword arguments of a tiny but valid SamConfig (DESIGN.md section 3)."""
+    """Keyword arguments of a tiny but valid SamConfig: every size as small as SAM's code allows."""
     return {
         "vision_config": {
             "hidden_size": 32,

@@ -11,7 +11,8 @@ from transformers import AutoProcessor, SamProcessor
 
 from modeling_dbsam import DBSamConfig, DBSamModel
 from modeling_dbsam.convert import build_sam_processor, pixel_statistics
-from modeling_dbsam.processing import load_processor
+from modeling_dbsam.data.card import read_preprocessing
+from modeling_dbsam.processing import load_processor, set_dataset_preprocessing
 
 
 def build_model(args: ModelArguments) -> DBSamModel:
@@ -67,13 +68,20 @@ def convert_to_sync_batch_norm(model: DBSamModel) -> int:
     return count
 
 
-def build_processor(args: ModelArguments, config: DBSamConfig) -> SamProcessor:
-    """The processor named by ``processor``, the checkpoint's own, or SAM's preprocessing sized to ``model_config``."""
+def build_processor(args: ModelArguments, config: DBSamConfig, data_dir: str | None = None) -> SamProcessor:
+    """The processor named by ``processor``, the checkpoint's own, or SAM's preprocessing sized to ``model_config``,
+    with the intensity rule of the training data (``data_dir``'s card), so that inference reproduces it."""
     source = args.processor or args.model
     if source is None:
-        return build_sam_processor(config, *pixel_statistics({}))
-    processor = load_processor(source) if Path(source).is_dir() else AutoProcessor.from_pretrained(source)
-    size, expected = processor.image_processor.size["longest_edge"], config.vision_config.image_size
-    if size != expected:
-        raise ValueError(f"the processor of {source} resizes images to {size} px but the model takes {expected} px")
+        processor = build_sam_processor(config, *pixel_statistics({}))
+    else:
+        processor = load_processor(source) if Path(source).is_dir() else AutoProcessor.from_pretrained(source)
+        size, expected = processor.image_processor.size["longest_edge"], config.vision_config.image_size
+        if size != expected:
+            raise ValueError(
+                f"the processor of {source} resizes images to {size} px but the model takes {expected} px"
+            )
+    preprocessing = read_preprocessing(data_dir) if data_dir is not None else None
+    if preprocessing is not None:
+        set_dataset_preprocessing(processor, preprocessing)
     return processor

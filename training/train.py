@@ -299,7 +299,7 @@ def build_trainer(config: RunConfig) -> DBSamTrainer:
         check_eval_set(eval_set, config)
     transformers.set_seed(args.seed)  # identical random init (adapters, or all from model_config) on every rank
     model = build_model(config.model)
-    processor = build_processor(config.model, model.config)
+    processor = build_processor(config.model, model.config, config.data.data)  # records the data's intensity rule
     model.freeze_for_training()
     if wants_sync_batch_norm(args.sync_batch_norm, args.world_size, args.device):
         convert_to_sync_batch_norm(model)

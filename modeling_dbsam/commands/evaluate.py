@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 NAME = "evaluate"
@@ -50,33 +51,53 @@ def _load_split(data: Path, split: str):
     return loaded[split]
 
 
+def warn_if_preprocessing_differs(model_dir: Path, data_dir: Path) -> None:
+    """The test images were made by the rule in the dataset's card; say so when the model was trained on another."""
+    from modeling_dbsam.data.card import read_preprocessing
+    from modeling_dbsam.processing import IntensityConfig, load_intensity_config
+
+    recorded = read_preprocessing(data_dir)
+    if not recorded:
+        return
+    data_rule = IntensityConfig(recorded.get("modality"), recorded.get("intensity_window"))
+    model_rule = load_intensity_config(model_dir)
+    if model_rule.modality is not None and (model_rule.modality, model_rule.window) != (
+        data_rule.modality,
+        data_rule.window,
+    ):
+        print(
+            f"warning: {data_dir} was prepared with {data_rule.modality} / window {data_rule.window}, but {model_dir} "
+            f"was trained on {model_rule.modality} / window {model_rule.window}",
+            file=sys.stderr,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForMaskGeneration
 
     from modeling_dbsam.evaluation import evaluate_model, get_protocol, load_baseline, model_fingerprint
+    from modeling_dbsam.model_folder import check_model_folder, load_model
     from modeling_dbsam.processing import load_processor
 
     protocol = get_protocol(args.protocol, args.tolerance)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     model_dir, data_dir = Path(args.model).resolve(), Path(args.data).resolve()
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: no config.json; pass a folder written by save_pretrained")
+    check_model_folder(model_dir)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     autocast_dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     if device.type == "cpu" and autocast_dtype == torch.float16:
         raise ValueError("--dtype float16 needs a GPU; use bfloat16 or float32 on CPU")
 
+    warn_if_preprocessing_differs(model_dir, data_dir)
     baselines = [load_baseline(path, protocol) for path in args.baseline]
     dataset = _load_split(data_dir, args.split)
 
-    def load_model():
-        model = AutoModelForMaskGeneration.from_pretrained(str(model_dir)).to(device).eval()
-        return model, load_processor(model_dir)
+    def load_model_and_processor():
+        return load_model(model_dir).to(device).eval(), load_processor(model_dir)
 
     results = evaluate_model(
-        load_model,
+        load_model_and_processor,
         dataset,
         protocol,
         args.output,

@@ -7,7 +7,7 @@ seconds, not a model load.
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 from dataclasses import dataclass
 
 NAME = "segment"
@@ -43,7 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--margin", type=float, default=3.0, help="propagated box margin, pixels at 256 px (default: 3)"
     )
     parser.add_argument("--modality", help="override the modality saved with the processor (e.g. CT, MR)")
-    parser.add_argument("--window", help="override the CT window: level,width in HU or a preset name (e.g. liver)")
+    parser.add_argument(
+        "--window",
+        help="override the CT window: LEVEL,WIDTH in HU or a preset name (e.g. liver); implies --modality CT; "
+        "a negative level needs '=': --window=-600,1500",
+    )
 
 
 @dataclass
@@ -71,7 +75,9 @@ def parse_numbers(flag: str, text: str | None, counts: tuple[int, ...]) -> list[
     return values
 
 
-def check_output(flag: str, path: str, allowed: tuple[str, ...], overwrite: bool, what: str = "a mask") -> None:
+def check_output(
+    flag: str, path: str, allowed: tuple[str, ...], overwrite: bool, what: str = "a mask", inputs: tuple[str, ...] = ()
+) -> None:
     """Refuse a file type that cannot hold ``what`` and an existing file (unless ``overwrite``), naming ``flag``."""
     from modeling_dbsam.io import check_output_path, path_suffix
 
@@ -83,23 +89,20 @@ def check_output(flag: str, path: str, allowed: tuple[str, ...], overwrite: bool
             f"{flag} {path}: {suffix or 'no suffix'} cannot hold {what}{reason}; use {', '.join(allowed)}"
         )
     try:
-        check_output_path(path, overwrite)
-    except (FileExistsError, FileNotFoundError) as error:
+        check_output_path(path, overwrite, inputs)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
         raise type(error)(f"{flag} {error}") from None
 
 
 def check_model_folder(folder: str) -> None:
-    from modeling_dbsam.processing import processor_config_path
+    """A local folder is checked in full (config, weights, processor) before the image is read; a Hub id is tried at load."""
+    from modeling_dbsam.model_folder import ModelFolderError, check_model_folder, is_hub_id
 
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--model {folder}: no such folder")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"--model {folder}: no config.json; save the model with model.save_pretrained")
-    if processor_config_path(folder) is None:
-        raise FileNotFoundError(
-            f"--model {folder}: no processor_config.json or preprocessor_config.json; save the SamProcessor "
-            "with the model (processor.save_pretrained)"
-        )
+    if not is_hub_id(folder):
+        try:
+            check_model_folder(folder)
+        except ModelFolderError as error:
+            raise ModelFolderError(f"--model {error}") from None
 
 
 def check_device(device: str) -> None:
@@ -136,12 +139,20 @@ def check_request(args: argparse.Namespace) -> Request:
     if window is not None and "," in window:
         window = parse_numbers("--window", window, (2,))
     try:
-        intensity = IntensityConfig(args.modality, window) if args.modality or window else None
+        modality = args.modality or ("CT" if window is not None else None)  # windows are CT's
+        intensity = IntensityConfig(modality, window) if modality else None
     except ValueError as error:
         raise ValueError(f"--modality/--window: {error}") from None
-    check_output("--output", args.output, IMAGE_OUTPUTS, args.overwrite)
+    check_output("--output", args.output, IMAGE_OUTPUTS, args.overwrite, inputs=(args.input,))
     if args.overlay is not None:
-        check_output("--overlay", args.overlay, (".png",), args.overwrite, what="the overlay, a PNG picture")
+        check_output(
+            "--overlay",
+            args.overlay,
+            (".png",),
+            args.overwrite,
+            "the overlay, a PNG picture",
+            (args.input, args.output),
+        )
     check_model_folder(args.model)
     check_device(args.device)
 
@@ -151,7 +162,9 @@ def check_request(args: argparse.Namespace) -> Request:
         if image.reference.GetNumberOfComponentsPerPixel() > 1:
             raise ValueError(f"{args.input}: a volume with {image.reference.GetNumberOfComponentsPerPixel()} channels")
         check_volume(image.array)
-        check_output("--output", args.output, VOLUME_OUTPUTS, args.overwrite, what="a 3D mask with its geometry")
+        check_output(
+            "--output", args.output, VOLUME_OUTPUTS, args.overwrite, "a 3D mask with its geometry", (args.input,)
+        )
         if box is not None and len(box) != 6:
             raise ValueError(
                 f"--box: {args.input} is a volume of shape (z, y, x) {image.array.shape}; give x0,y0,z0,x1,y1,z1 "
@@ -180,27 +193,46 @@ def check_request(args: argparse.Namespace) -> Request:
 
 def load_model_and_processor(folder: str, device: str):
     """The saved model (DB-SAM or SAM, through the auto classes) in eval mode, and its processor."""
-    from transformers import AutoModelForMaskGeneration
-
-    import modeling_dbsam  # noqa: F401  (registers the dbsam model type with the auto classes)
+    from modeling_dbsam.model_folder import load_model
     from modeling_dbsam.processing import load_processor
 
-    model = AutoModelForMaskGeneration.from_pretrained(folder).to(device).eval()
-    return model, load_processor(folder)
+    return load_model(folder).to(device).eval(), load_processor(folder)
+
+
+def prompt_region(request: Request) -> tuple[slice, ...]:
+    """The part of the image the box prompt covers: its slices and rectangle (the key slice's for --box-2d)."""
+    if request.box_2d is not None:
+        x0, y0, x1, y1 = (int(round(v)) for v in request.box_2d)
+        return (request.key_slice, slice(y0, y1 + 1), slice(x0, x1 + 1))
+    if len(request.box) == 6:
+        x0, y0, z0, x1, y1, z1 = (int(round(v)) for v in request.box)
+        return (slice(z0, z1 + 1), slice(y0, y1 + 1), slice(x0, x1 + 1))
+    x0, y0, x1, y1 = (int(round(v)) for v in request.box)
+    return (slice(y0, y1 + 1), slice(x0, x1 + 1))
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from modeling_dbsam.inference import save_overlay, segment_volume
+    from modeling_dbsam.inference import empty_mask_reason, save_overlay, segment_volume
+    from modeling_dbsam.intensity import non_finite_note
     from modeling_dbsam.io import path_suffix, write_mask
     from modeling_dbsam.predictor import predict_boxes
     from modeling_dbsam.processing import get_intensity_config, to_model_rgb
 
     request = check_request(args)
+    note = non_finite_note(request.array)
+    if note:
+        print(f"note: {args.input}: {note}", file=sys.stderr)
     model, processor = load_model_and_processor(args.model, args.device)
     intensity = request.intensity or get_intensity_config(processor)
+    if intensity.modality is None and request.array.dtype != np.uint8:
+        print(
+            f"note: {args.model} records no intensity rule (modality, CT window): {request.array.dtype} values are "
+            "clipped at percentiles; pass --modality/--window to match how the model's training data was made",
+            file=sys.stderr,
+        )
     autocast_dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
     image = request.image
     if image.is_volume:
@@ -227,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
     slices = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1)) if mask.ndim == 3 else []
     where = f" in slices {slices.min()}..{slices.max()}" if len(slices) else ""
     print(f"wrote {args.output}: {int(mask.sum())} voxels{where}")
+    if not mask.any():
+        print(f"warning: the mask is empty: {empty_mask_reason(shown, prompt_region(request))}", file=sys.stderr)
     if args.overlay:
         save_overlay(args.overlay, shown, mask, overwrite=args.overwrite, max_panels=args.overlay_slices)
         print(f"wrote {args.overlay}")

@@ -28,6 +28,22 @@ of its images and labels: read them before redistributing. Several sources allow
 only or forbid commercial use. The Medical Segmentation Decathlon is CC BY-SA 4.0."""
 
 
+PREPROCESSING_KEY = "dbsam_preprocessing"
+"""Card metadata key of the rule that made the images: ``modality``, ``intensity_window`` (CT: [level, width]
+in HU or a preset name; ``null`` for the percentile rule of other modalities) and ``image_size`` (slices
+resized to it, ``null`` for native). Training copies it into the processor it saves."""
+
+
+def read_preprocessing(folder: str | os.PathLike) -> dict | None:
+    """The preprocessing rule recorded in a dataset folder's card, or ``None`` when it records none."""
+    readme = os.path.join(folder, "README.md")
+    if not os.path.isfile(readme):
+        return None
+    with open(readme, encoding="utf-8") as handle:
+        metadata, _ = _split_front_matter(handle.read())
+    return metadata.get(PREPROCESSING_KEY)
+
+
 def _counts(dataset_dict: datasets.DatasetDict) -> tuple[dict[str, Counter], dict[str, Counter], dict[str, str]]:
     """Examples and cases per task and split, and each task's modality and dimension as the rows state them."""
     examples, cases, kinds = {}, {}, {}
@@ -59,10 +75,12 @@ def dataset_card(
     label_names: dict[int, str] | None = None,
     licence: str = "other",
     extra: str = "",
+    preprocessing: dict | None = None,
 ) -> str:
     """README.md text: YAML metadata, counts per task and split, intensity rules, schema, sources and licences.
 
-    ``report`` is an :class:`~modeling_dbsam.data.raw.ImportReport` whose drops and skips are listed.
+    ``report`` is an :class:`~modeling_dbsam.data.raw.ImportReport` whose drops and skips are listed;
+    ``preprocessing`` (see :data:`PREPROCESSING_KEY`) goes into the metadata for training to read back.
     """
     examples, cases, described = _counts(dataset_dict)
     splits = list(dataset_dict)
@@ -75,6 +93,8 @@ def dataset_card(
         "pretty_name": title,
         "size_categories": [_size_category(total)],
     }
+    if preprocessing is not None:
+        metadata[PREPROCESSING_KEY] = preprocessing
     header = "| task | modality | dim | " + " | ".join(f"{s} cases | {s} examples" for s in splits) + " |"
     rows = [header, "|" + "---|" * (3 + 2 * len(splits))]
     for task in tasks:

@@ -39,7 +39,13 @@ from modeling_dbsam.data.save import atomic_folder, check_output_folder
 from modeling_dbsam.data.schema import encode_image, generate_dataset, label_values, make_example
 from modeling_dbsam.data.splits import assign_splits, parse_split
 from modeling_dbsam.data.tasks import UNKNOWN_TASK, resolve_task
-from modeling_dbsam.intensity import IntensityRule, fit_intensity_rule
+from modeling_dbsam.intensity import (
+    DEFAULT_CT_WINDOW,
+    IntensityRule,
+    check_modality,
+    fit_intensity_rule,
+    non_finite_note,
+)
 from modeling_dbsam.io import MedicalImage, path_suffix, read_image
 
 COMPONENT_BASE = 1000
@@ -60,6 +66,7 @@ class ImportReport:
     objects_lost_in_resize: int = 0
     empty_slices_dropped: int = 0
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # cases imported with a remark, e.g. NaN voxels
 
     def summary(self) -> str:
         lines = [f"wrote {self.out_dir} (task: {self.task})"]
@@ -73,6 +80,9 @@ class ImportReport:
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} files or cases:")
             lines += [f"    {reason}" for reason in self.skipped]
+        if self.notes:
+            lines.append(f"  notes on {len(self.notes)} imported cases:")
+            lines += [f"    {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -283,6 +293,9 @@ def _generate(
         except (ValueError, FileNotFoundError) as error:
             report.skipped.append(str(error))
         else:
+            note = non_finite_note(opened.images)
+            if note:
+                report.notes.append(f"{case.image}: {note}")
             count = 0
             for example in case_examples(opened, settings, report):
                 count += 1
@@ -298,6 +311,7 @@ def _settings(raw_dir: Path, modality, task, window, labels, size, min_size, com
         if named is None:
             raise ValueError("pass the modality (e.g. --modality CT) or a task of the 30 (e.g. --task 'CT Liver')")
         modality = named.modality
+    check_modality(modality)
     same_family = named is not None and named.modality.split("-")[0] == modality.split("-")[0]
     if task is None:
         task = named.name if same_family else UNKNOWN_TASK
@@ -392,12 +406,25 @@ def prepare_raw_dataset(
                 label_names=label_names,
                 extra=card_notes,
                 licence=licence,
+                preprocessing=_preprocessing(settings),
             )
             write_card(work / "result", card)
     finally:
         if progress_bars:
             datasets.enable_progress_bars()
     return report
+
+
+def _preprocessing(settings: ImportSettings) -> dict:
+    """The rule recorded in the card (:data:`modeling_dbsam.data.card.PREPROCESSING_KEY`), the CT default window spelt out."""
+    window = settings.window
+    if settings.modality.upper() == "CT" and window is None:
+        window = DEFAULT_CT_WINDOW
+    return {
+        "modality": settings.modality,
+        "intensity_window": window if window is None or isinstance(window, str) else [float(v) for v in window],
+        "image_size": settings.size,
+    }
 
 
 def _intensity_note(settings: ImportSettings) -> str:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
 
 from modeling_dbsam.data.card import dataset_card, write_card
+from modeling_dbsam.io import staging_folder
 
 
 def check_output_folder(out_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -32,10 +32,11 @@ def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
 
     Write the finished output into ``<work>/result``; anything else under ``<work>`` (caches) is
     deleted. On error, or if the process dies, ``out_dir`` is untouched (an old one is replaced
-    only after the new one is complete) and only a ``.<name>.partial-*`` folder can remain.
+    only after the new one is complete) and only a ``.<name>.partial-*`` folder can remain, which the next
+    run removes (:func:`modeling_dbsam.io.clean_stale_staging`).
     """
     out_dir = check_output_folder(out_dir, overwrite)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    work = staging_folder(out_dir)  # also removes what killed runs left
     try:
         yield work
         result = work / "result"
