@@ -16,11 +16,19 @@ HELP = "Segment the object in a box of an image or volume (NIfTI, NRRD, MHA, DIC
 VOLUME_OUTPUTS = (".nii", ".nii.gz", ".nrrd", ".mha")
 IMAGE_OUTPUTS = (".png", *VOLUME_OUTPUTS)
 DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+BACKENDS = ("pytorch", "onnx")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="image file, volume file or DICOM series folder")
     parser.add_argument("--model", required=True, help="folder of a saved DB-SAM (or SAM) model with its processor")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="pytorch",
+        help="pytorch (default), or onnx: --model is a folder written by conversion/export_onnx.py, run on "
+        "ONNX Runtime on the CPU",
+    )
     parser.add_argument(
         "--box",
         help="inclusive voxel indices (x = column, y = row, z = slice): x0,y0,z0,x1,y1,z1 for a volume "
@@ -102,6 +110,21 @@ def check_model_folder(folder: str) -> None:
         )
 
 
+def check_onnx_arguments(args: argparse.Namespace) -> None:
+    """An exported folder with its preprocessing, run in fp32 on the CPU (what ONNX Runtime's CPU backend does)."""
+    from modeling_dbsam.onnx_runtime import ENCODER_FILE, read_preprocessing
+
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model}: no such folder")
+    if not os.path.isfile(os.path.join(args.model, ENCODER_FILE)):
+        raise FileNotFoundError(
+            f"--model {args.model}: no {ENCODER_FILE}; --backend onnx runs a folder written by conversion/export_onnx.py"
+        )
+    read_preprocessing(args.model)
+    if args.device != "cpu" or args.dtype != "fp32":
+        raise ValueError(f"--backend onnx runs in fp32 on the CPU; got --device {args.device} --dtype {args.dtype}")
+
+
 def check_device(device: str) -> None:
     import torch
 
@@ -142,8 +165,11 @@ def check_request(args: argparse.Namespace) -> Request:
     check_output("--output", args.output, IMAGE_OUTPUTS, args.overwrite)
     if args.overlay is not None:
         check_output("--overlay", args.overlay, (".png",), args.overwrite, what="the overlay, a PNG picture")
-    check_model_folder(args.model)
-    check_device(args.device)
+    if args.backend == "onnx":
+        check_onnx_arguments(args)
+    else:
+        check_model_folder(args.model)
+        check_device(args.device)
 
     image = read_image(args.input)
     array = image.array
@@ -178,8 +204,13 @@ def check_request(args: argparse.Namespace) -> Request:
     return Request(image, array, box, box_2d, args.key_slice, intensity)
 
 
-def load_model_and_processor(folder: str, device: str):
-    """The saved model (DB-SAM or SAM, through the auto classes) in eval mode, and its processor."""
+def load_model_and_processor(folder: str, device: str, backend: str = "pytorch"):
+    """The saved model (DB-SAM or SAM, through the auto classes) in eval mode, and its processor; with
+    ``backend="onnx"`` the exported model on ONNX Runtime and the processor its preprocessing.json describes."""
+    if backend == "onnx":
+        from modeling_dbsam.onnx_runtime import load_onnx_model
+
+        return load_onnx_model(folder)
     from transformers import AutoModelForMaskGeneration
 
     import modeling_dbsam  # noqa: F401  (registers the dbsam model type with the auto classes)
@@ -199,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     from modeling_dbsam.processing import get_intensity_config, to_model_rgb
 
     request = check_request(args)
-    model, processor = load_model_and_processor(args.model, args.device)
+    model, processor = load_model_and_processor(args.model, args.device, args.backend)
     intensity = request.intensity or get_intensity_config(processor)
     autocast_dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
     image = request.image
