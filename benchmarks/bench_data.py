@@ -10,7 +10,8 @@
       ``with_transform(SamBoxTransform(...))`` and a ``DataLoader`` (batch 8, ``collate_fn=collate_batch``)
       with 0 and 2 workers; ``-default-collate``: the same with torch's ``default_collate``;
     - ``arrow-uint8-w0`` / ``-w2``: ``SamBoxTransform(..., normalize=False)``, what training uses: uint8
-      pixels, normalised on the accelerator by ``SamPixels.normalize`` (not part of the loader's time).
+      pixels, normalised on the accelerator by ``SamPixels.normalize`` (not part of the loader's time);
+      ``arrow-uint8-iconv-w0`` adds DB-SAM's ``conv_pixel_values`` (I_conv), as training does since it exists;
     Variants run interleaved, repeated; the report gives min and median examples/s, the median ratio
     to ``plain``, and CPU milliseconds per example (the process and its finished workers), which the
     shared machine's load inflates less than wall time.
@@ -84,12 +85,14 @@ def plain_loop(folder: Path, processor, limit: int) -> int:
     return count
 
 
-def arrow_loop(dataset, processor, workers: int, limit: int, join: bool = True, normalize: bool = True) -> int:
+def arrow_loop(
+    dataset, processor, workers: int, limit: int, join: bool = True, normalize: bool = True, conv_size=None
+) -> int:
     import torch
 
     from modeling_dbsam.data import SamBoxTransform, collate_batch
 
-    transform = SamBoxTransform(processor, max_shift=20, seed=0, normalize=normalize)
+    transform = SamBoxTransform(processor, max_shift=20, seed=0, normalize=normalize, conv_size=conv_size)
     loader = torch.utils.data.DataLoader(
         dataset.select(range(limit)).with_transform(transform),
         batch_size=8,
@@ -131,6 +134,7 @@ def bench_loader(work: Path, slices: int, limit: int, repeats: int, quick: bool)
     seconds, _ = timed(lambda: load_medsam_dataset(folder, cache_dir=str(work / "cache")) and 0)
     dataset = load_medsam_dataset(folder, cache_dir=str(work / "cache"))["train"]
     limit = min(limit, dataset.num_rows)
+    conv_size = processor.image_processor.mask_size["longest_edge"]
     variants = {
         "plain": lambda: plain_loop(folder, processor, limit),
         "arrow-w0": lambda: arrow_loop(dataset, processor, 0, limit),
@@ -139,6 +143,8 @@ def bench_loader(work: Path, slices: int, limit: int, repeats: int, quick: bool)
         "arrow-w2-default-collate": lambda: arrow_loop(dataset, processor, 2, limit, join=False),
         "arrow-uint8-w0": lambda: arrow_loop(dataset, processor, 0, limit, normalize=False),
         "arrow-uint8-w2": lambda: arrow_loop(dataset, processor, 2, limit, normalize=False),
+        # + DB-SAM's I_conv, as training makes it; its side equals the low-res mask's (4x the ViT grid)
+        "arrow-uint8-iconv-w0": lambda: arrow_loop(dataset, processor, 0, limit, normalize=False, conv_size=conv_size),
     }
     rates, cpu_ms = {name: [] for name in variants}, {name: [] for name in variants}
     for _ in range(repeats):

@@ -331,7 +331,15 @@ class DBSamVisionEncoder(SamVisionEncoder):
             )
 
     def conv_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`I_conv`: the normalised image at `conv_input_size`, bilinear with antialiasing."""
+        """Fallback `I_conv` when a caller passes none: `pixel_values` resized to `conv_input_size`, bilinear with
+        antialiasing.
+
+        This is a low-passed copy of the image, not the paper's `I_conv`: a 256 px slice reaches the
+        ViT upsampled to 1024 px and comes back to 256 px, losing the local detail the branch exists
+        to bring back. Callers pass `conv_pixel_values` from
+        `modeling_dbsam.pixels.SamPixels(processor)(images, conv_size=...)`, as the predictor and the
+        training transform do.
+        """
         size = self.adapter_config.conv_input_size
         dtype = torch.promote_types(pixel_values.dtype, torch.float32)  # antialiasing has no bf16 CPU kernel
         resized = F.interpolate(pixel_values.to(dtype), size=(size, size), mode="bilinear", antialias=True)

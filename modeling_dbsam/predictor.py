@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import SamModel, SamProcessor
 
-from modeling_dbsam.pixels import SamPixels
+from modeling_dbsam.pixels import SamPixels, conv_input_size, processor_conv_pixel_values
 
 
 @dataclass
@@ -145,20 +145,35 @@ def _model_dtype_and_device(model: SamModel) -> tuple[torch.dtype, torch.device]
 def encode_images(
     model: SamModel, processor: SamProcessor, images: Sequence[np.ndarray], autocast_dtype: torch.dtype | None = None
 ) -> EncodedImages:
-    """Run the image encoder once on a batch of H x W x 3 uint8 images."""
+    """Run the image encoder once on a batch of H x W x 3 uint8 images.
+
+    A DB-SAM with a convolution branch also gets ``I_conv``, resized from each image as given
+    (:func:`modeling_dbsam.pixels.conv_input_size`).
+    """
     dtype, device = _model_dtype_and_device(model)
     images = [np.asarray(image) for image in images]
+    conv_size = conv_input_size(model)
     if SamPixels.supports(processor):  # the processor's values, cheaper; normalised on the device
         pixels = SamPixels(processor)
-        inputs = pixels(images, normalize=device.type == "cpu")
-        if device.type != "cpu":
+        on_cpu = device.type == "cpu"
+        inputs = pixels(images, normalize=on_cpu, conv_size=conv_size)
+        if not on_cpu:
             inputs["pixel_values"] = pixels.normalize(
                 inputs["pixel_values"].to(device), inputs["reshaped_input_sizes"]
             )
+            if conv_size is not None:
+                inputs["conv_pixel_values"] = pixels.normalize_conv(
+                    inputs["conv_pixel_values"].to(device), inputs["original_sizes"]
+                )
     else:
-        inputs = processor(images=images, return_tensors="pt")
+        inputs = dict(processor(images=images, return_tensors="pt"))
+        if conv_size is not None:
+            inputs["conv_pixel_values"] = processor_conv_pixel_values(processor, images, conv_size)
+    conv_inputs = {}
+    if conv_size is not None:  # a model without a convolution branch refuses conv_pixel_values
+        conv_inputs["conv_pixel_values"] = inputs["conv_pixel_values"].to(device=device, dtype=dtype)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        embeddings = model.get_image_embeddings(inputs["pixel_values"].to(device=device, dtype=dtype))
+        embeddings = model.get_image_embeddings(inputs["pixel_values"].to(device=device, dtype=dtype), **conv_inputs)
     return EncodedImages(embeddings, inputs["original_sizes"], inputs["reshaped_input_sizes"])
 
 

@@ -103,7 +103,7 @@ def test_jitter_is_reproducible_per_example_and_epoch():
 
 def test_dataloader_batches_feed_the_model_and_workers_agree():
     rows = _rows([(64, 64), (64, 64), (48, 80), (64, 64)])
-    transform = SamBoxTransform(tiny_processor(), max_shift=20, seed=0)
+    transform = SamBoxTransform(tiny_processor(), max_shift=20, seed=0, conv_size=TINY_MASK_SIZE)
     data = rows.with_transform(transform)
     batches = [
         next(iter(torch.utils.data.DataLoader(data, batch_size=4, num_workers=workers, collate_fn=collate)))
@@ -111,7 +111,7 @@ def test_dataloader_batches_feed_the_model_and_workers_agree():
     ]
     for other in batches[1:]:
         assert other.keys() == batches[0].keys() and other["case_id"] == batches[0]["case_id"]
-        for key in ("pixel_values", "input_boxes", "labels", "original_sizes", "slice_index"):
+        for key in ("pixel_values", "conv_pixel_values", "input_boxes", "labels", "original_sizes", "slice_index"):
             assert torch.equal(other[key], batches[0][key]), key
     batch = batches[0]
     assert batch["case_id"] == ["case0", "case1", "case2", "case3"]
@@ -168,14 +168,14 @@ def test_horizontal_flip_mirrors_image_mask_and_box():
     rows = _rows([(64, 64), (48, 80)], rgb=True)
     batch = rows[:]
     processor = tiny_processor()
-    flipped = SamBoxTransform(processor, fixed_shift=9, horizontal_flip=1.0)(dict(batch))
+    flipped = SamBoxTransform(processor, fixed_shift=9, horizontal_flip=1.0, conv_size=TINY_MASK_SIZE)(dict(batch))
     mirrored = dict(
         batch,
         image=[np.asarray(image)[:, ::-1] for image in batch["image"]],
         mask=[np.asarray(mask)[:, ::-1] for mask in batch["mask"]],
     )
-    expected = SamBoxTransform(processor, fixed_shift=9)(mirrored)
-    for key in ("pixel_values", "labels", "input_boxes", "reshaped_input_sizes"):
+    expected = SamBoxTransform(processor, fixed_shift=9, conv_size=TINY_MASK_SIZE)(mirrored)
+    for key in ("pixel_values", "conv_pixel_values", "labels", "input_boxes", "reshaped_input_sizes"):
         assert torch.equal(flipped[key], expected[key]), key
     # Known answer: the box of the mirrored mask is the mirrored box, x -> (W - 1) - x, in the model's frame.
     plain = SamBoxTransform(processor, fixed_shift=9)(dict(batch))["input_boxes"][:, 0]

@@ -18,6 +18,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from modeling_dbsam import DBSamModel
 from modeling_dbsam.intensity import clip_percentiles, window_ct
 from modeling_dbsam.pipelines import TASK, PromptableMaskGenerationPipeline, register_pipelines
+from modeling_dbsam.pixels import conv_input_size, processor_conv_pixel_values
 from modeling_dbsam.processing import (
     IntensityConfig,
     get_intensity_config,
@@ -50,9 +51,11 @@ def image():
 
 
 def stock_masks(seg, image, multimask, **prompts):
-    """Masks and scores through transformers' own path: processor prompts, full forward from pixel values."""
+    """Masks and scores through transformers' own path: processor prompts, full forward from pixel values, and
+    I_conv from the processor asked for the convolution branch's size."""
     inputs = seg.processor(images=image, return_tensors="pt", **prompts)
     extra = {k: inputs[k].float() for k in ("input_boxes", "input_points") if k in inputs}
+    extra["conv_pixel_values"] = processor_conv_pixel_values(seg.processor, [image], conv_input_size(seg.model))
     if "input_labels" in inputs:
         extra["input_labels"] = inputs["input_labels"]
     with torch.no_grad():

@@ -16,10 +16,11 @@ from run_config import ModelArguments
 from safetensors.torch import load_file
 from training_support import make_dataset, write_tiny_model_config
 
-from modeling_dbsam import DBSamModel
+from modeling_dbsam import DBSamConfig, DBSamModel
 from modeling_dbsam.data import SamBoxTransform
 from modeling_dbsam.evaluation import PAPER, evaluate_model
 from modeling_dbsam.losses import SegmentationLoss, bce_dice_loss
+from modeling_dbsam.pixels import conv_input_size
 from modeling_dbsam.processing import load_processor
 
 
@@ -146,24 +147,30 @@ def test_loss_falls_on_a_tiny_overfit_set_and_frozen_weights_stay_unchanged(tmp_
 
 
 def test_the_model_trains_on_exactly_what_the_processor_makes(tmp_path, data_dir, monkeypatch):
-    """Loader workers send uint8 pixels and the step normalises them: the model must see the processor's values."""
+    """Loader workers send uint8 pixels and the step normalises them: the model must see the processor's values,
+    and the convolution branch its own I_conv, resized from the native image."""
     seen = []
     forward = DBSamModel.forward
 
     def recording_forward(self, pixel_values=None, **kwargs):
-        seen.append((pixel_values.detach().clone(), kwargs["input_boxes"].detach().clone()))
+        conv = kwargs["conv_pixel_values"].detach().clone()
+        seen.append((pixel_values.detach().clone(), kwargs["input_boxes"].detach().clone(), conv))
         return forward(self, pixel_values=pixel_values, **kwargs)
 
     monkeypatch.setattr(DBSamModel, "forward", recording_forward)
     args = base_args(tmp_path, data_dir, "spy", "--max_steps", "2", "--max_box_shift", "0", "--save_steps", "0")
     assert run_training([*args, "--per_device_train_batch_size", "4", "--dataloader_num_workers", "2"]) == 0
     train_split = datasets.load_from_disk(str(data_dir))["train"]
-    reference = train_split.with_transform(SamBoxTransform(load_processor(tmp_path / "spy"), max_shift=0))[:]
-    pixel_values = torch.cat([pixels for pixels, _ in seen])
-    boxes = torch.cat([box for _, box in seen])
-    assert pixel_values.dtype == torch.float32 and len(pixel_values) == len(train_split)
-    for pixels, box in zip(pixel_values, boxes):
+    conv_size = conv_input_size(DBSamConfig.from_pretrained(tmp_path / "spy"))
+    transform = SamBoxTransform(load_processor(tmp_path / "spy"), max_shift=0, conv_size=conv_size)
+    reference = train_split.with_transform(transform)[:]
+    pixel_values = torch.cat([pixels for pixels, _, _ in seen])
+    boxes = torch.cat([box for _, box, _ in seen])
+    conv_pixel_values = torch.cat([conv for _, _, conv in seen])
+    assert pixel_values.dtype == conv_pixel_values.dtype == torch.float32 and len(pixel_values) == len(train_split)
+    for pixels, box, conv in zip(pixel_values, boxes, conv_pixel_values):
         matches = [i for i in range(len(train_split)) if torch.equal(reference["pixel_values"][i], pixels)]
+        matches = [i for i in matches if torch.equal(reference["conv_pixel_values"][i], conv)]
         assert matches and any(torch.equal(reference["input_boxes"][i], box) for i in matches)
 
 

@@ -49,7 +49,7 @@ from modeling_dbsam import DBSamModel
 from modeling_dbsam.data import SamBoxTransform, collate_batch
 from modeling_dbsam.io import atomic_write
 from modeling_dbsam.losses import bce_dice_loss
-from modeling_dbsam.pixels import SamPixels
+from modeling_dbsam.pixels import SamPixels, conv_input_size
 
 logger = get_logger("dbsam.train")
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -123,6 +123,7 @@ class Training:
             horizontal_flip=config.data.horizontal_flip,
             seed=args.seed,
             normalize=self.pixels is None,
+            conv_size=conv_input_size(model),  # I_conv from each native image, as the paper does
             passthrough=(),
         )
         loader = DataLoader(
@@ -220,7 +221,15 @@ class Training:
         pixel_values = batch["pixel_values"]
         if self.pixels is not None:
             pixel_values = self.pixels.normalize(pixel_values, batch["reshaped_input_sizes"])
-        outputs = self.model(pixel_values=pixel_values, input_boxes=batch["input_boxes"], multimask_output=False)
+        conv_inputs = {}
+        if "conv_pixel_values" in batch:
+            conv_pixel_values = batch["conv_pixel_values"]
+            if self.pixels is not None:
+                conv_pixel_values = self.pixels.normalize_conv(conv_pixel_values, batch["original_sizes"])
+            conv_inputs["conv_pixel_values"] = conv_pixel_values
+        outputs = self.model(
+            pixel_values=pixel_values, input_boxes=batch["input_boxes"], multimask_output=False, **conv_inputs
+        )
         losses = bce_dice_loss(outputs.pred_masks[:, :, 0], batch["labels"].to(outputs.pred_masks.dtype))
         self._stop_if_non_finite(losses.loss.detach(), "loss")
         self._loss_sums += torch.stack([term.detach() for term in losses])

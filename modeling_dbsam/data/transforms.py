@@ -18,7 +18,7 @@ from torch.utils.data import default_collate
 
 from modeling_dbsam.boxes import box_prompt
 from modeling_dbsam.data.schema import check_object_mask
-from modeling_dbsam.pixels import SamPixels, batch_tensor
+from modeling_dbsam.pixels import SamPixels, batch_tensor, processor_conv_pixel_values
 
 PASSTHROUGH = ("task", "case_id", "slice_index", "label")
 
@@ -74,12 +74,19 @@ class SamBoxTransform:
     ``horizontal_flip=p`` mirrors image and mask left-right with probability ``p`` before the box is
     drawn, seeded like the jitter (training augmentation; the paper uses none, so the default is 0).
 
+    ``conv_size`` adds DB-SAM's ``I_conv``: pass ``conv_input_size(model)``
+    (:func:`modeling_dbsam.pixels.conv_input_size`; ``None`` for a model without a convolution branch).
+    The processor does not know it, since it belongs to the model's config.
+
     Returns, for a batch of B rows:
 
     - ``pixel_values``: (B, 3, S, S) float32, normalised and padded exactly as ``processor`` does
       (S = the processor's padded size: 1024 for ViT-B, 32 for the tiny test model); with
       ``normalize=False``, uint8 resized and zero-padded, a quarter of the bytes, for
       ``SamPixels(processor).normalize(pixel_values, reshaped_input_sizes)`` on the accelerator;
+    - ``conv_pixel_values`` (only with ``conv_size``): (B, 3, C, C), the image resized once, from its own
+      size, to ``C = conv_size`` and padded and normalised like ``pixel_values`` (float32, or uint8 with
+      ``normalize=False``, for ``SamPixels(processor).normalize_conv(conv_pixel_values, original_sizes)``);
     - ``original_sizes``, ``reshaped_input_sizes``: (B, 2) int64, as the processor returns them;
     - ``input_boxes``: (B, 1, 4) float32, x0, y0, x1, y1 in the S frame (one box per image);
     - ``labels``: (B, 1, M, M) float32 0/1, the mask resized (nearest) and padded as the processor
@@ -98,6 +105,7 @@ class SamBoxTransform:
         epoch: int = 0,
         horizontal_flip: float = 0.0,
         normalize: bool = True,
+        conv_size: int | None = None,
         passthrough: Sequence[str] = PASSTHROUGH,
     ):
         if max_shift < 0 or (fixed_shift is not None and fixed_shift < 0):
@@ -112,7 +120,9 @@ class SamBoxTransform:
                 f"got {type(getattr(processor, 'image_processor', processor)).__name__}"
             )
         self.max_shift, self.fixed_shift, self.shift_resolution = max_shift, fixed_shift, shift_resolution
-        self.seed, self.epoch, self.normalize = seed, epoch, normalize
+        if conv_size is not None and conv_size < 1:
+            raise ValueError(f"conv_size must be a positive side in pixels or None, got {conv_size}")
+        self.seed, self.epoch, self.normalize, self.conv_size = seed, epoch, normalize, conv_size
         self.horizontal_flip = horizontal_flip
         self.passthrough = tuple(passthrough)
 
@@ -162,7 +172,7 @@ class SamBoxTransform:
         return outputs
 
     def _fast(self, images: list[np.ndarray], masks: list[np.ndarray], boxes: np.ndarray) -> dict:
-        outputs = self.pixels(images, normalize=self.normalize)
+        outputs = self.pixels(images, normalize=self.normalize, conv_size=self.conv_size)
         image_processor = self.pixels.image_processor
         pad = image_processor.mask_pad_size
         labels = batch_tensor((len(masks), 1, pad["height"], pad["width"])).zero_()
@@ -179,10 +189,13 @@ class SamBoxTransform:
         inputs = self.processor(
             images=images, segmentation_maps=masks, input_boxes=[[box.tolist()] for box in boxes], return_tensors="pt"
         )
-        return {
+        outputs = {
             "pixel_values": inputs["pixel_values"].float(),
             "original_sizes": inputs["original_sizes"],
             "reshaped_input_sizes": inputs["reshaped_input_sizes"],
             "input_boxes": inputs["input_boxes"].float(),
             "labels": inputs["labels"].float()[:, None],
         }
+        if self.conv_size is not None:
+            outputs["conv_pixel_values"] = processor_conv_pixel_values(self.processor, images, self.conv_size)
+        return outputs
