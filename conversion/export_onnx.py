@@ -33,17 +33,13 @@ import torch
 from torch import nn
 
 from modeling_dbsam import onnx_runtime
+from modeling_dbsam.pixels import conv_input_size
 
 SUPPORTED_OPSETS = range(16, 21)  # GridSample arrived in 16; the TorchScript exporter stops at 20
 DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-4
 INT8_MIN_DICE = 0.9  # below this mean Dice against the fp32 masks, quantization is refused
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "sample"
-
-
-def conv_input_size(model) -> int | None:  # TEMP until modeling_dbsam.pixels.conv_input_size lands
-    config = model.config
-    return int(config.conv_input_size) if getattr(config, "use_conv_branch", False) else None
 
 
 class VisionEncoderGraph(nn.Module):
@@ -119,12 +115,13 @@ def check_processor_matches(model, processor) -> None:
         )
 
 
-def example_inputs(model, conv_size: int | None, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+def example_inputs(model, conv_size: int | None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One random image (and I_conv) as the encoder takes them."""
     generator = torch.Generator().manual_seed(seed)
     size = model.config.vision_config.image_size
-    inputs = {"pixel_values": torch.randn(batch, 3, size, size, generator=generator)}
+    inputs = {"pixel_values": torch.randn(1, 3, size, size, generator=generator)}
     if conv_size is not None:
-        inputs["conv_pixel_values"] = torch.randn(batch, 3, conv_size, conv_size, generator=generator)
+        inputs["conv_pixel_values"] = torch.randn(1, 3, conv_size, conv_size, generator=generator)
     return inputs
 
 
@@ -156,7 +153,7 @@ def export_graph(module: nn.Module, args: tuple, path: str, names: dict, opset: 
 def export_encoder(model, path: str, conv_size: int | None, opset: int) -> None:
     """One image per run: traced with a dynamic batch axis, the graph computes wrong embeddings for other
     batch sizes, and on a CPU a batch is no faster than its images one by one."""
-    inputs = example_inputs(model, conv_size, batch=1)
+    inputs = example_inputs(model, conv_size)
     names = list(inputs)
     export_graph(
         VisionEncoderGraph(model, conv_size is not None),
@@ -172,8 +169,9 @@ def export_encoder(model, path: str, conv_size: int | None, opset: int) -> None:
 
 
 def export_decoder(model, path: str, multimask_output: bool, opset: int) -> None:
-    with torch.no_grad():
-        embeddings = model.get_image_embeddings(example_inputs(model, None, batch=1)["pixel_values"])
+    grid = model.config.prompt_encoder_config.image_embedding_size
+    channels = model.config.mask_decoder_config.hidden_size
+    embeddings = torch.randn(1, channels, grid, grid, generator=torch.Generator().manual_seed(0))
     prompts = {name: torch.from_numpy(value) for name, value in example_prompts(model).items()}
     export_graph(
         PromptDecoderGraph(model, multimask_output),
@@ -196,11 +194,11 @@ def export_decoder(model, path: str, multimask_output: bool, opset: int) -> None
 def check_graph_parity(model, folder: str, conv_size: int | None) -> dict[str, float]:
     """Largest |ORT - PyTorch| of the embeddings and of both decoders' outputs, on inputs the export did not see.
 
-    The encoder runs on 2 images (one run each) and the decoders on 4 prompts of 3 points and a box each,
-    so the decoders' dynamic axes are exercised too. Raises when any difference exceeds ``PARITY_TOLERANCE``.
+    The decoders run on the encoder's output with 4 prompts of 3 points and a box each, other counts
+    than at export, so their dynamic axes are exercised too. Raises when any difference exceeds ``PARITY_TOLERANCE``.
     """
     onnx_model = onnx_runtime.OnnxSamModel.from_folder(folder)
-    inputs = example_inputs(model, conv_size, batch=2, seed=1)
+    inputs = example_inputs(model, conv_size, seed=1)
     with torch.no_grad():
         expected = VisionEncoderGraph(model, conv_size is not None)(**inputs)
     errors = {"image_embeddings": (onnx_model.get_image_embeddings(**inputs) - expected).abs().max().item()}
