@@ -197,10 +197,10 @@ def check_graph_parity(model, folder: str, conv_size: int | None) -> dict[str, f
     The decoders run on the encoder's output with 4 prompts of 3 points and a box each, other counts
     than at export, so their dynamic axes are exercised too. Raises when any difference exceeds ``PARITY_TOLERANCE``.
     """
-    onnx_model = onnx_runtime.OnnxSamModel.from_folder(folder)
     inputs = example_inputs(model, conv_size, seed=1)
-    with torch.no_grad():
+    with torch.no_grad():  # first, so that PyTorch's activations are freed before ONNX Runtime loads
         expected = VisionEncoderGraph(model, conv_size is not None)(**inputs)
+    onnx_model = onnx_runtime.OnnxSamModel.from_folder(folder)
     errors = {"image_embeddings": (onnx_model.get_image_embeddings(**inputs) - expected).abs().max().item()}
     prompts = example_prompts(model, count=4, points=3, seed=1)
     for multimask in (False, True):
