@@ -330,7 +330,7 @@ def run_import(raw: Path, out: Path) -> dict:
         result["tracemalloc_peak_mib"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
         tracemalloc.stop()
         result["examples"] = report.examples["train"]
-        result["small_objects_dropped"] = report.small_objects_dropped
+        result["small_components_dropped"] = report.small_components_dropped_3d + report.small_components_dropped_2d
         result["empty_slices_dropped"] = report.empty_slices_dropped
 
     result["rss_peak_growth_mib"] = _peak_growth_mib(run)

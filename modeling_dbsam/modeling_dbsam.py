@@ -18,6 +18,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
 from transformers.models.sam.modeling_sam import (
+    SamImageSegmentationOutput,
     SamLayerNorm,
     SamPositionalEmbedding,
     SamVisionEncoder,
@@ -53,9 +54,17 @@ def _init_linear(linear: nn.Linear, std: float = 0.02) -> None:
 
 
 def _init_conv(conv: nn.Conv2d) -> None:
-    init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    """He init over the fan-out of one group, as timm and the authors do: a 3x3 depthwise conv gets std
+    sqrt(2 / 9) = 0.47, where PyTorch's `kaiming_normal_` ignores the groups and gives 0.017 at width 768."""
+    fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels // conv.groups
+    init.normal_(conv.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
     if conv.bias is not None:
         init.zeros_(conv.bias)
+
+
+def make_divisible(value: float, divisor: int) -> int:
+    """timm's rounding of a layer width to a multiple of `divisor` (at least `divisor`)."""
+    return max(divisor, int(value + divisor / 2) // divisor * divisor)
 
 
 def _zero(module: nn.Module) -> None:
@@ -65,19 +74,20 @@ def _zero(module: nn.Module) -> None:
 
 
 class DBSamChannelAttentionBlock(DBSamAdapter, GradientCheckpointingLayer):
-    """Eq. 1: `F + Conv1x1(SE(GELU(DWConv3x3(LN(F)))))` on channels-last ViT tokens."""
+    """Eq. 1, `F + Conv1x1(SE(DWConv3x3(LN(F))))`, on channels-last ViT tokens, with the GELU after the
+    depthwise conv that the authors' block has (Eq. 1 omits it)."""
 
     def __init__(self, config: DBSamConfig):
         super().__init__()
-        width = config.vision_config.hidden_size
-        squeezed = max(1, int(round(width * config.se_ratio)))
+        width, bias = config.vision_config.hidden_size, config.channel_attention_bias
+        squeezed = make_divisible(width * config.se_ratio, config.se_divisor)
         self.layer_norm = SamLayerNorm(width, eps=config.vision_config.layer_norm_eps)
-        self.depthwise = nn.Conv2d(width, width, kernel_size=3, padding=1, groups=width)
+        self.depthwise = nn.Conv2d(width, width, kernel_size=3, padding=1, groups=width, bias=bias)
         self.activation = nn.GELU()
-        self.squeeze = nn.Conv2d(width, squeezed, kernel_size=1)
-        self.squeeze_activation = nn.SiLU()  # EfficientNetV2's SE, which the paper follows
-        self.excite = nn.Conv2d(squeezed, width, kernel_size=1)
-        self.pointwise = nn.Conv2d(width, width, kernel_size=1)
+        self.squeeze = nn.Conv2d(width, squeezed, kernel_size=1, bias=bias)
+        self.squeeze_activation = nn.SiLU() if config.se_activation == "silu" else nn.GELU()
+        self.excite = nn.Conv2d(squeezed, width, kernel_size=1, bias=bias)
+        self.pointwise = nn.Conv2d(width, width, kernel_size=1, bias=bias)
         self.drop_path = DBSamDropPath(config.adapter_drop_path_rate)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -96,24 +106,29 @@ class DBSamChannelAttentionBlock(DBSamAdapter, GradientCheckpointingLayer):
 
 class DBSamConvBranch(DBSamAdapter):
     """The light-weight convolution block: two 3x3 stride-2 and three 1x1 convolutions, BN + ReLU after
-    the first four; maps the 256 px image to the ViT grid at the ViT width (channels-last)."""
+    the first four; maps the 256 px image to the ViT grid at the ViT width (channels-last).
+
+    `conv_branch_kernel_sizes` orders the first four (paper variant 3-3-1-1, the authors' 3-1-3-1).
+    """
 
     def __init__(self, config: DBSamConfig):
         super().__init__()
         widths = [config.vision_config.num_channels, *config.conv_branch_channels]
-        kernels, strides = (3, 3, 1, 1), (2, 2, 1, 1)
         layers: list[nn.Module] = []
-        for (c_in, c_out), kernel, stride in zip(zip(widths[:-1], widths[1:]), kernels, strides):
+        for c_in, c_out, kernel in zip(widths[:-1], widths[1:], config.conv_branch_kernel_sizes):
             layers += [
-                nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),
-                nn.BatchNorm2d(c_out),
+                nn.Conv2d(c_in, c_out, kernel, stride=2 if kernel == 3 else 1, padding=kernel // 2, bias=False),
+                nn.BatchNorm2d(c_out, momentum=config.conv_branch_batch_norm_momentum),
                 nn.ReLU(inplace=True),
             ]
         self.layers = nn.Sequential(*layers)
-        self.projection = nn.Conv2d(widths[-1], config.vision_config.hidden_size, kernel_size=1)
+        hidden = config.vision_config.hidden_size
+        self.projection = nn.Conv2d(widths[-1], hidden, kernel_size=1, bias=config.conv_branch_projection_bias)
+        self.level_embedding = nn.Parameter(torch.zeros(hidden)) if config.conv_branch_level_embedding else None
 
     def forward(self, conv_pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.layers(conv_pixel_values)).permute(0, 2, 3, 1)
+        features = self.projection(self.layers(conv_pixel_values)).permute(0, 2, 3, 1)
+        return features if self.level_embedding is None else features + self.level_embedding
 
     def init_adapter_weights(self, adapter_init: str) -> None:
         for module in self.layers:
@@ -123,6 +138,8 @@ class DBSamConvBranch(DBSamAdapter):
                 init.ones_(module.weight)
                 init.zeros_(module.bias)
         _init_conv(self.projection)
+        if self.level_embedding is not None:
+            init.zeros_(self.level_embedding)
         if adapter_init == "identity":
             # The shallow stream starts at zero, so the fusion output is a scaled ViT stream that SAM's
             # neck LayerNorm maps back to SAM's embedding; training grows it from there.
@@ -216,22 +233,23 @@ class DBSamFeedForward(DBSamAdapter):
 
 
 class DBSamCrossAttentionHalf(nn.Module):
-    """One direction of the bilateral cross-attention: `x + DropPath(DeformAttn(LN(x), LN(other)))`,
+    """One direction of the bilateral cross-attention: `x + DropPath(Dropout(DeformAttn(LN(x), LN(other))))`,
     then `+ DropPath(FFN(LN(.)))`."""
 
     def __init__(self, config: DBSamConfig):
         super().__init__()
-        width, eps = config.vision_config.hidden_size, config.vision_config.layer_norm_eps
+        width, eps = config.vision_config.hidden_size, config.adapter_layer_norm_eps
         self.query_norm = nn.LayerNorm(width, eps=eps)
         self.value_norm = nn.LayerNorm(width, eps=eps)
         self.attention = DBSamDeformableAttention(width, config.deformable_num_heads, config.deformable_num_points)
+        self.attention_dropout = nn.Dropout(config.bca_attention_dropout)
         self.ffn_norm = nn.LayerNorm(width, eps=eps)
         self.ffn = DBSamFeedForward(width, config.bca_ffn_ratio, config.adapter_dropout)
         self.drop_path = DBSamDropPath(config.adapter_drop_path_rate)
 
     def forward(self, hidden_states: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         attended = self.attention(self.query_norm(hidden_states), self.value_norm(other))
-        hidden_states = hidden_states + self.drop_path(attended.to(hidden_states.dtype))
+        hidden_states = hidden_states + self.drop_path(self.attention_dropout(attended.to(hidden_states.dtype)))
         return hidden_states + self.drop_path(self.ffn(self.ffn_norm(hidden_states)))
 
 
@@ -253,19 +271,35 @@ class DBSamBilateralCrossAttention(GradientCheckpointingLayer):
 
 
 class DBSamFusion(DBSamAdapter):
-    """Eq. 2: token-wise gate `M = sigmoid(A_d + A_s)`, output `F_d * M + F_s * (1 - M)`."""
+    """Eq. 2: token-wise gate `M = sigmoid(A_d + A_s)`, output `F_d * M + F_s * (1 - M)`.
+
+    The authors' variant adds a residual `LN -> FFN` after the gate (`fusion_ffn_ratio`) and a learnable
+    LayerNorm on the output (`fusion_layer_norm`), as their release does before SAM's neck.
+    """
 
     IDENTITY_GATE_BIAS = 4.0  # sigmoid(4) = 0.98: the ViT stream dominates as the shallow stream grows
 
     def __init__(self, config: DBSamConfig):
         super().__init__()
         width, squeezed = config.vision_config.hidden_size, config.fusion_hidden_size
+        eps = config.adapter_layer_norm_eps
         self.deep_gate = nn.Sequential(nn.Linear(width, squeezed), nn.GELU(), nn.Linear(squeezed, width))
         self.shallow_gate = nn.Sequential(nn.Linear(width, squeezed), nn.GELU(), nn.Linear(squeezed, width))
+        self.ffn_norm = self.ffn = self.drop_path = self.output_norm = None
+        if config.fusion_ffn_ratio > 0:
+            self.ffn_norm = nn.LayerNorm(width, eps=eps)
+            # The release's timm Mlp there has no dropout.
+            self.ffn = DBSamFeedForward(width, config.fusion_ffn_ratio, dropout=0.0)
+            self.drop_path = DBSamDropPath(config.adapter_drop_path_rate)
+        if config.fusion_layer_norm:
+            self.output_norm = nn.LayerNorm(width, eps=eps)
 
     def forward(self, deep: torch.Tensor, shallow: torch.Tensor) -> torch.Tensor:
         mask = torch.sigmoid(self.deep_gate(deep) + self.shallow_gate(shallow))
-        return deep * mask + shallow * (1 - mask)
+        fused = deep * mask + shallow * (1 - mask)
+        if self.ffn is not None:
+            fused = fused + self.drop_path(self.ffn(self.ffn_norm(fused)))
+        return fused if self.output_norm is None else self.output_norm(fused)
 
     def init_adapter_weights(self, adapter_init: str) -> None:
         for gate in (self.deep_gate, self.shallow_gate):
@@ -417,9 +451,10 @@ class DBSamModel(SamModel):
         return [name for name, parameter in self.named_parameters() if id(parameter) in adapter_parameters]
 
     def trainable_parameter_names(self) -> list[str]:
-        """The paper's trainable set: adapters, the mask decoder and (if `train_neck`) SAM's neck.
+        """The trainable set: adapters and the mask decoder (paper 3.1) and, if `train_neck`, SAM's neck (the
+        authors' release).
 
-        Two parts of the decoder stay frozen because the paper's loss (BCE + Dice on one mask per box) never
+        This project's decision, not the paper's: two parts of the decoder stay frozen because the paper's loss (BCE + Dice on one mask per box) never
         reaches them: the IoU head, and the hypernetwork heads of SAM's three multimask outputs. Trainable,
         they would get zero gradients and only weight decay would move them, eroding SAM's multimask and
         IoU predictions; and a trainable parameter without a gradient would force DDP's
@@ -460,11 +495,19 @@ class DBSamModel(SamModel):
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
-        conv_pixel_values: torch.Tensor | None = None,
+        input_points: torch.Tensor | None = None,
+        input_labels: torch.LongTensor | None = None,
         input_boxes: torch.Tensor | None = None,
-        **kwargs,
-    ):
-        """SamModel's forward; `conv_pixel_values` optionally gives the convolution branch its own 256 px input."""
+        input_masks: torch.LongTensor | None = None,
+        image_embeddings: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        attention_similarity: torch.Tensor | None = None,
+        target_embedding: torch.Tensor | None = None,
+        conv_pixel_values: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SamImageSegmentationOutput:
+        """SamModel's forward, same positional order; `conv_pixel_values` (new, last) optionally gives the
+        convolution branch its own 256 px input."""
         if input_boxes is not None:
             if input_boxes.ndim != 3 or input_boxes.shape[-1] != 4:
                 raise ValueError(
@@ -475,9 +518,20 @@ class DBSamModel(SamModel):
         if conv_pixel_values is not None:  # the encoder checks both shapes
             if pixel_values is None:
                 raise ValueError("conv_pixel_values needs pixel_values")
-            kwargs["image_embeddings"] = self.vision_encoder(pixel_values, conv_pixel_values=conv_pixel_values)[0]
+            image_embeddings = self.vision_encoder(pixel_values, conv_pixel_values=conv_pixel_values)[0]
             pixel_values = None
-        return super().forward(pixel_values=pixel_values, input_boxes=input_boxes, **kwargs)
+        return super().forward(
+            pixel_values=pixel_values,
+            input_points=input_points,
+            input_labels=input_labels,
+            input_boxes=input_boxes,
+            input_masks=input_masks,
+            image_embeddings=image_embeddings,
+            multimask_output=multimask_output,
+            attention_similarity=attention_similarity,
+            target_embedding=target_embedding,
+            **kwargs,
+        )
 
 
 __all__ = ["DBSamModel", "DBSamVisionEncoder"]

@@ -48,22 +48,48 @@ def _medsam_mr_rule(volume):
     return scaled
 
 
+def _medsam_dust(labels, values, min_volume=1000, min_area=100):
+    """MedSAM's small-object rules written with SimpleITK's connected components (fully connected: 26 in 3D,
+    8 in 2D): 3D components under ``min_volume`` voxels, then 2D components under ``min_area`` per slice."""
+
+    def remove(mask_array, minimum):
+        numbered = sitk.GetArrayFromImage(
+            sitk.ConnectedComponent(sitk.GetImageFromArray(mask_array.astype(np.uint8)), True)
+        )
+        sizes = np.bincount(numbered.ravel())
+        small = [k for k in range(1, len(sizes)) if sizes[k] < minimum]
+        return np.isin(numbered, small), len(small)
+
+    cleaned, removed_3d, removed_2d = labels.copy(), 0, 0
+    for value in values:
+        gone, count = remove(cleaned == value, min_volume)
+        cleaned[gone], removed_3d = 0, removed_3d + count
+        for z in range(len(cleaned)):
+            gone, count = remove(cleaned[z] == value, min_area)
+            cleaned[z][gone], removed_2d = 0, removed_2d + count
+    return cleaned, removed_3d, removed_2d
+
+
 def test_real_brain_native_size_counts_masks_intensities_boxes(brain, tmp_path):
     root, arrays = brain
     report = prepare_raw_dataset(
         root, tmp_path / "out", modality="MR-T1", task="MR-T1 Brain Atlas", labels=LABELS, size=None, split="1,0,0"
     )
     rows = load_medsam_dataset(tmp_path / "out")["train"]
-    expected, small, empty = {}, 0, 0
+    expected, dropped, empty, cleaned_maps = {}, np.zeros(2, int), 0, {}
     for case, (_, labels) in arrays.items():
-        for z, label_slice in enumerate(labels):
+        cleaned, removed_3d, removed_2d = _medsam_dust(labels, LABELS)
+        dropped += (removed_3d, removed_2d)
+        cleaned_maps[case] = cleaned
+        for z, label_slice in enumerate(cleaned):
             counts = {v: int((label_slice == v).sum()) for v in LABELS}
             empty += not any(counts.values())
-            small += sum(0 < c < 100 for c in counts.values())
-            expected |= {(case, z, v): c for v, c in counts.items() if c >= 100}
+            expected |= {(case, z, v): c for v, c in counts.items() if c}
     found = {(r["case_id"], r["slice_index"], r["label"]): int(np.asarray(r["mask"]).sum()) for r in rows}
     assert found == expected
-    assert (report.small_objects_dropped, report.empty_slices_dropped) == (small, empty)
+    assert dropped[1] > 0  # the atlas has small in-plane pieces, so the 2D rule is exercised on real data
+    counts = (report.small_components_dropped_3d, report.small_components_dropped_2d, report.empty_slices_dropped)
+    assert counts == (dropped[0], dropped[1], empty)
     assert report.cases["train"] == 3 and report.examples["train"] == len(expected) == rows.num_rows
     row = rows[0]
     assert (row["task"], row["modality"], row["dimension"], row["spacing"]) == (
@@ -77,7 +103,67 @@ def test_real_brain_native_size_counts_masks_intensities_boxes(brain, tmp_path):
     reference = _medsam_mr_rule(volume.astype(np.float64))[row["slice_index"]]
     assert image.shape == (217, 181, 3) and np.array_equal(image[..., 0], image[..., 2])
     assert np.abs(image[..., 0] - reference).max() <= 1 and (image[..., 0] == reference).mean() > 0.99
-    assert np.array_equal(np.asarray(row["mask"]), labels[row["slice_index"]] == row["label"])
+    assert np.array_equal(np.asarray(row["mask"]), cleaned_maps[row["case_id"]][row["slice_index"]] == row["label"])
+
+
+def test_medsam_dust_rules_run_at_native_resolution_before_resizing(tmp_path):
+    """A 7 x 64 x 64 label volume built so that each rule drops exactly one known component, upsampled to 128.
+
+    After a 2x upsampling every object would pass a 100-pixel count, so only rules applied at the native
+    resolution drop them.
+    """
+    labels = np.zeros((7, 64, 64), np.uint8)
+    labels[:, 2:16, 2:16] = 1  # 14 x 14 x 7 = 1372 voxels: kept
+    labels[0:3, 2:12, 40:50] = 1  # 10 x 10 x 3 = 300 voxels: dropped by the 3D rule (100 px per slice)
+    labels[1:7, 20:35, 2:17] = 2  # 15 x 15 x 6 = 1350 voxels ...
+    labels[0, 35:40, 17:22] = 2  # ... plus a 25 px patch on slice 0 touching it diagonally across slices (26-conn):
+    # kept by the 3D rule (1375 voxels), dropped on slice 0 by the 2D rule
+    labels[:, 40:49, 30:39] = 3  # two 9 x 9 = 81 px squares touching at one corner: one 162 px component under
+    labels[:, 49:58, 39:48] = 3  # 8-connectivity (kept; 4-connectivity would drop both), 1134 voxels in 3D: kept
+    raw = tmp_path / "raw"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    hu = np.broadcast_to(np.linspace(-100, 100, 64, dtype=np.float32), labels.shape).copy()
+    sitk.WriteImage(sitk.GetImageFromArray(hu), str(raw / "imagesTr" / "dust_0000.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(raw / "labelsTr" / "dust.nii.gz"))
+    report = prepare_raw_dataset(raw, tmp_path / "out", modality="CT", size=128, split="1,0,0")
+    assert (report.small_components_dropped_3d, report.small_components_dropped_2d) == (1, 1)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "1 in 3D, 1 in 2D slices" in card
+    rows = load_medsam_dataset(tmp_path / "out")["train"]
+    found = {(r["slice_index"], r["label"]): int(np.asarray(r["mask"]).sum()) for r in rows}
+    # Masks come from the cleaned map, upsampled 2x (each pixel becomes 2 x 2).
+    expected = {(z, 1): 196 * 4 for z in range(7)} | {(z, 3): 162 * 4 for z in range(7)}
+    expected |= {(z, 2): 225 * 4 for z in range(1, 7)}
+    assert found == expected
+    # The thresholds are options: switched off, every object survives, the 3D-dropped block included.
+    report = prepare_raw_dataset(
+        raw, tmp_path / "all", modality="CT", size=128, split="1,0,0", min_volume=0, min_size=0
+    )
+    rows = load_medsam_dataset(tmp_path / "all")["train"]
+    found = {(r["slice_index"], r["label"]): int(np.asarray(r["mask"]).sum()) for r in rows}
+    assert found[(0, 1)] == (196 + 100) * 4 and found[(0, 2)] == 25 * 4
+    assert (report.small_components_dropped_3d, report.small_components_dropped_2d) == (0, 0)
+
+
+def test_2d_image_objects_under_100_px_are_dropped_before_upsampling(tmp_path):
+    """The issue's case: a 120 x 45 px image with 21, 40 and 82 px objects, upsampled to 256, keeps none of them
+    (after resizing they would count 248, 481 and 986 px); a 150 px object stays (2D images get no 3D rule)."""
+    raw = tmp_path / "raw"
+    (raw / "img").mkdir(parents=True)
+    Image.fromarray(np.full((45, 120, 3), 90, np.uint8)).save(raw / "img" / "a.png")
+    mask = np.zeros((45, 120), np.uint8)
+    mask[2:5, 2:9] = 1  # 21 px
+    mask[10:15, 2:10] = 2  # 40 px
+    mask[20:22, 2:43] = 3  # 82 px
+    mask[30:40, 50:65] = 4  # 150 px
+    Image.fromarray(mask).save(raw / "img" / "a_mask.png")
+    report = prepare_raw_dataset(
+        raw, tmp_path / "out", task="X-Ray Lungs", images="img/a.png", label_maps="img/a_mask.png", split="1,0,0"
+    )
+    rows = load_medsam_dataset(tmp_path / "out")["train"]
+    assert rows["label"] == [4]
+    assert (report.small_components_dropped_3d, report.small_components_dropped_2d) == (0, 3)
 
 
 def test_real_brain_box_in_model_frame(brain, tmp_path):
@@ -153,6 +239,8 @@ def test_ct_window_through_the_cli_and_output_folder_rules(tmp_path, capsys):
         "1,3",
         "--size",
         "0",
+        "--min-volume",
+        "0",
     ]
     assert dbsam([*argv, "--min-size", "10", "--split", "1,0,0"]) == 0
     assert "train: 1 cases, 2 examples" in capsys.readouterr().out
@@ -196,7 +284,7 @@ def test_bad_cases_are_skipped_counted_and_named(tmp_path):
         writer.SetFileName(str(series / f"s{index}.dcm"))
         writer.Execute(plane)
     sitk.WriteImage(sitk.GetImageFromArray(labels), str(raw / "labelsTr" / "dicom.nii.gz"))
-    report = prepare_raw_dataset(raw, tmp_path / "out", modality="CT", min_size=1, split="1,0,0")
+    report = prepare_raw_dataset(raw, tmp_path / "out", modality="CT", min_size=1, min_volume=0, split="1,0,0")
     reasons = "\n".join(report.skipped)
     assert len(report.skipped) == 4, reasons
     assert "shifted.nii.gz: label map spacing (0.6, 0.5, 2.0) differs from image" in reasons
@@ -227,7 +315,7 @@ def test_connected_components_and_task_window_preset(tmp_path):
     labels[1:3, :, 9:15] = 2
     _ct_case(raw, "c1", [-1000, -600, 0, 100, 200], labels)
     report = prepare_raw_dataset(
-        raw, tmp_path / "out", modality="CT", size=None, min_size=1, components=True, split="1,0,0"
+        raw, tmp_path / "out", modality="CT", size=None, min_size=1, min_volume=0, components=True, split="1,0,0"
     )
     rows = load_medsam_dataset(tmp_path / "out")["train"]
     assert report.task == "CT Lung Infections"  # from the modality and the folder name

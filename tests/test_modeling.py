@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny import scrambled_tiny_dbsam, tiny_sam_config, tiny_sam_config_dict
 from transformers import (
     AutoConfig,
@@ -14,6 +16,7 @@ from transformers import (
     SamModel,
     SamVisionConfig,
 )
+from transformers.models.sam.modeling_sam import SamImageSegmentationOutput
 
 from modeling_dbsam import DBSamConfig, DBSamModel
 from modeling_dbsam.modeling_dbsam import DBSamChannelAttentionBlock, DBSamDeformableAttention
@@ -26,6 +29,7 @@ TABLE3_ROWS = [
     {"use_channel_attention": True, "use_conv_branch": True, "use_fusion": True},
 ]
 NO_DROP = {"adapter_dropout": 0.0, "adapter_drop_path_rate": 0.0}
+VARIANTS = ("paper", "authors")
 
 
 def tiny_dbsam(**kwargs) -> DBSamModel:
@@ -52,9 +56,11 @@ def sam_checkpoint(tmp_path_factory):
     return folder, sam.eval()
 
 
-def test_all_switches_off_equals_sam_bitwise(sam_checkpoint):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_all_switches_off_equals_sam_bitwise(sam_checkpoint, variant):
     folder, sam = sam_checkpoint
-    model = DBSamModel.from_pretrained(folder, **ALL_OFF).eval()
+    model = DBSamModel.from_pretrained(folder, adapter_variant=variant, **ALL_OFF).eval()
+    assert model.config.adapter_variant == variant
     assert model.adapter_parameter_names() == []
     with torch.no_grad():
         expected, actual = sam(**inputs()), model(**inputs())
@@ -63,9 +69,14 @@ def test_all_switches_off_equals_sam_bitwise(sam_checkpoint):
     assert torch.equal(expected.iou_scores, actual.iou_scores)
 
 
-def test_identity_init_reproduces_sam(sam_checkpoint):
+@pytest.mark.parametrize(
+    ("variant", "overrides"), [("paper", {}), ("authors", {"fusion_layer_norm": False})], ids=["paper", "authors"]
+)
+def test_identity_init_reproduces_sam(sam_checkpoint, variant, overrides):
     folder, sam = sam_checkpoint
-    model, info = DBSamModel.from_pretrained(folder, adapter_init="identity", output_loading_info=True)
+    model, info = DBSamModel.from_pretrained(
+        folder, adapter_variant=variant, adapter_init="identity", output_loading_info=True, **overrides
+    )
     model.eval()
     assert set(info["missing_keys"]) >= set(model.adapter_parameter_names())
     assert not info["unexpected_keys"]
@@ -73,9 +84,18 @@ def test_identity_init_reproduces_sam(sam_checkpoint):
         expected, actual = sam(**inputs()).pred_masks, model(**inputs()).pred_masks
     assert (expected - actual).abs().max() < 1e-4
     # ...while the paper init does change the output: the adapters are live.
-    paper = DBSamModel.from_pretrained(folder).eval()
+    paper = DBSamModel.from_pretrained(folder, adapter_variant=variant, **overrides).eval()
     with torch.no_grad():
         assert (paper(**inputs()).pred_masks - expected).abs().max() > 1e-3
+
+
+def test_identity_init_is_refused_where_the_variant_cannot_reproduce_sam():
+    # The authors' LayerNorm before SAM's neck removes each token's mean: no init makes it the identity.
+    with pytest.raises(ValueError, match="adapter_init='identity' cannot reproduce SAM with fusion_layer_norm=True"):
+        DBSamConfig(**tiny_sam_config_dict(), adapter_variant="authors", adapter_init="identity")
+    # Without fusion there is no such LayerNorm, so the ablation rows keep identity init.
+    config = DBSamConfig(**tiny_sam_config_dict(), adapter_variant="authors", adapter_init="identity", **ALL_OFF)
+    assert config.fusion_layer_norm is True
 
 
 def test_paper_init_gives_adapters_their_intended_scale(sam_checkpoint):
@@ -230,6 +250,14 @@ def test_defaults_derive_from_the_backbone(size, width, depth, heads, global_lay
         ({"use_conv_branch": False}, "use_fusion=True needs use_conv_branch=True"),
         ({"adapter_drop_path_rate": 1.5}, "adapter_drop_path_rate"),
         ({"conv_branch_channels": [8, 8]}, "conv_branch_channels"),
+        ({"adapter_variant": "release"}, "unknown adapter_variant 'release'"),
+        ({"conv_branch_kernel_sizes": [3, 3, 3, 1]}, "conv_branch_kernel_sizes must order two 3x3"),
+        ({"se_activation": "relu"}, "unknown se_activation 'relu'"),
+        ({"se_divisor": 0}, "se_divisor must be >= 1"),
+        ({"conv_branch_batch_norm_momentum": 2.0}, "conv_branch_batch_norm_momentum"),
+        ({"adapter_layer_norm_eps": 0.0}, "adapter_layer_norm_eps must be positive"),
+        ({"fusion_ffn_ratio": -1.0}, "fusion_ffn_ratio must be >= 0"),
+        ({"bca_attention_dropout": 1.0}, "bca_attention_dropout must be in"),
     ],
 )
 def test_config_validation_names_the_problem(kwargs, message):
@@ -350,17 +378,166 @@ def test_fusion_mixes_streams_with_the_gate_of_eq2():
     torch.testing.assert_close(fusion(deep, shallow), deep * mask + shallow * (1 - mask))
 
 
-def test_channel_attention_is_eq1_residual():
-    block = DBSamChannelAttentionBlock(DBSamConfig(**tiny_sam_config_dict(), adapter_drop_path_rate=0.0)).eval()
-    hidden = torch.randn(1, 4, 4, 32)
+def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Every weight, bias and norm parameter random, so that a swapped or dropped term shows."""
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        features = block.activation(block.depthwise(block.layer_norm(hidden).permute(0, 3, 1, 2)))
-        squeezed = block.squeeze_activation(block.squeeze(features.mean((2, 3), keepdim=True)))
-        expected = hidden + block.pointwise(features * block.excite(squeezed).sigmoid()).permute(0, 2, 3, 1)
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_channel_attention_computes_eq1_from_its_weights(variant):
+    """Eq. 1 written out with functional ops on the block's parameters, in the equation's order:
+    F + Conv1x1(SE(GELU(DWConv3x3(LN(F))))), SE = x * sigmoid(excite(act(squeeze(mean(x)))))."""
+    config = DBSamConfig(**tiny_sam_config_dict(), adapter_variant=variant, adapter_drop_path_rate=0.0)
+    block = DBSamChannelAttentionBlock(config).eval()
+    _randomize(block)
+    w = dict(block.named_parameters())
+    b = {name: w.get(f"{name}.bias") for name in ("depthwise", "squeeze", "excite", "pointwise")}
+    hidden = torch.randn(2, 5, 6, 32)
+    normed = F.layer_norm(hidden, (32,), w["layer_norm.weight"], w["layer_norm.bias"], eps=1e-6)
+    x = F.conv2d(normed.permute(0, 3, 1, 2), w["depthwise.weight"], b["depthwise"], padding=1, groups=32)
+    x = F.gelu(x)
+    act = F.silu if variant == "paper" else F.gelu
+    pooled = x.mean(dim=(2, 3), keepdim=True)
+    gate = torch.sigmoid(
+        F.conv2d(act(F.conv2d(pooled, w["squeeze.weight"], b["squeeze"])), w["excite.weight"], b["excite"])
+    )
+    expected = hidden + F.conv2d(x * gate, w["pointwise.weight"], b["pointwise"]).permute(0, 2, 3, 1)
+    with torch.no_grad():
         torch.testing.assert_close(block(hidden), expected)
-        block.pointwise.weight.zero_()
-        block.pointwise.bias.zero_()
-        assert torch.equal(block(hidden), hidden)
+    assert (b["pointwise"] is None) == (variant == "authors")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fusion_computes_eq2_from_its_weights(variant):
+    """Eq. 2 with functional ops: A = FC(GELU(FC(F))) per branch, M = sigmoid(A_d + A_s),
+    F_d * M + F_s * (1 - M); the authors' variant then adds x + FFN(LN(x)) and a final LN."""
+    from modeling_dbsam.modeling_dbsam import DBSamFusion
+
+    config = DBSamConfig(**tiny_sam_config_dict(), adapter_variant=variant, adapter_drop_path_rate=0.0)
+    fusion = DBSamFusion(config).eval()
+    _randomize(fusion, seed=1)
+    w = dict(fusion.named_parameters())
+    deep, shallow = torch.randn(2, 4, 5, 32), torch.randn(2, 4, 5, 32)
+
+    def attention(features, prefix):
+        hidden = F.gelu(F.linear(features, w[f"{prefix}.0.weight"], w[f"{prefix}.0.bias"]))
+        return F.linear(hidden, w[f"{prefix}.2.weight"], w[f"{prefix}.2.bias"])
+
+    mask = torch.sigmoid(attention(deep, "deep_gate") + attention(shallow, "shallow_gate"))
+    expected = deep * mask + shallow * (1 - mask)
+    if variant == "authors":
+        normed = F.layer_norm(expected, (32,), w["ffn_norm.weight"], w["ffn_norm.bias"], eps=1e-5)
+        hidden = F.gelu(F.linear(normed, w["ffn.fc1.weight"], w["ffn.fc1.bias"]))
+        expected = expected + F.linear(hidden, w["ffn.fc2.weight"], w["ffn.fc2.bias"])
+        expected = F.layer_norm(expected, (32,), w["output_norm.weight"], w["output_norm.bias"], eps=1e-5)
+    else:
+        assert fusion.ffn is None and fusion.output_norm is None
+    with torch.no_grad():
+        torch.testing.assert_close(fusion(deep, shallow), expected)
+
+
+def test_variant_parameter_counts_and_shapes_at_vit_b():
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    def conv_branch(widths, kernels, projection_bias, level_embedding):
+        convs = [c_in * c_out * k * k for c_in, c_out, k in zip([3, *widths], widths, kernels)]
+        projection = widths[-1] * 768 + (768 if projection_bias else 0)
+        return sum(convs) + 2 * sum(widths) + projection + (768 if level_embedding else 0)
+
+    gates = 2 * (768 * 64 + 64 + 64 * 768 + 768)
+    ffn = 768 * 3072 + 3072 + 3072 * 768 + 768
+    expected = {
+        # channel attention (LN + dw3x3 + SE 768 -> 192 -> 768 + pw), conv branch, fusion
+        "paper": (
+            1536 + 768 * 10 + (768 * 192 + 192) + (192 * 768 + 768) + (768 * 768 + 768),
+            conv_branch([64, 128, 256, 256], [3, 3, 1, 1], True, False),
+            gates,
+        ),
+        "authors": (
+            1536 + 768 * 9 + 768 * 192 * 2 + 768 * 768,
+            conv_branch([256, 256, 512, 512], [3, 1, 3, 1], False, True),
+            gates + 1536 + ffn + 1536,
+        ),
+    }
+    for variant, (cab, conv, fusion) in expected.items():
+        with torch.device("meta"):
+            encoder = DBSamModel(DBSamConfig(adapter_variant=variant)).vision_encoder
+        assert count(encoder.channel_attention["2"]) == cab
+        assert count(encoder.conv_branch) == conv
+        assert count(encoder.fusion) == fusion
+        half = encoder.cross_attention["2"].vit_from_conv
+        assert half.query_norm.eps == (1e-6 if variant == "paper" else 1e-5)
+        assert half.attention_dropout.p == (0.0 if variant == "paper" else 0.1)
+        assert half.ffn.dropout.p == (0.4 if variant == "paper" else 0.1)
+        batch_norm = encoder.conv_branch.layers[1]
+        assert batch_norm.momentum == (0.1 if variant == "paper" else 0.01)
+    # About 1.9 M parameters in the authors' conv branch against 0.37 M in the paper variant.
+    assert (conv_branch([64, 128, 256, 256], [3, 3, 1, 1], True, False), conv) == (372_544, 1_911_296)
+    layers = encoder.conv_branch.layers  # authors: 3x3 s2 -> 1x1 -> 3x3 s2 -> 1x1, widths 256/256/512/512
+    shapes = [tuple(layers[i].weight.shape) for i in (0, 3, 6, 9)]
+    assert shapes == [(256, 3, 3, 3), (256, 256, 1, 1), (512, 256, 3, 3), (512, 512, 1, 1)]
+    assert [layers[i].stride for i in (0, 3, 6, 9)] == [(2, 2), (1, 1), (2, 2), (1, 1)]
+    assert encoder.conv_branch.projection.bias is None
+
+
+def test_variant_fields_can_be_set_one_by_one_and_round_trip(tmp_path):
+    config = DBSamConfig(
+        **tiny_sam_config_dict(), adapter_variant="authors", se_activation="silu", conv_branch_channels=[8, 8, 16, 16]
+    )
+    assert (config.se_activation, config.conv_branch_channels) == ("silu", [8, 8, 16, 16])
+    assert (config.conv_branch_kernel_sizes, config.fusion_ffn_ratio, config.se_divisor) == ([3, 1, 3, 1], 4.0, 8)
+    paper = DBSamConfig(**tiny_sam_config_dict(), fusion_layer_norm=True)
+    assert paper.fusion_layer_norm is True and paper.fusion_ffn_ratio == 0.0 and paper.se_activation == "silu"
+    model = DBSamModel(config)
+    model.save_pretrained(tmp_path)
+    loaded = DBSamModel.from_pretrained(tmp_path)
+    from modeling_dbsam.configuration_dbsam import VARIANT_DEFAULTS
+
+    for name in VARIANT_DEFAULTS["authors"]:
+        assert getattr(loaded.config, name) == getattr(config, name), name
+    # Switching the variant of a saved DB-SAM config replaces the old variant's values, except those given.
+    switched = DBSamConfig.from_pretrained(tmp_path, adapter_variant="paper", conv_branch_channels=[4, 4, 8, 8])
+    assert (switched.se_activation, switched.fusion_ffn_ratio, switched.conv_branch_channels) == (
+        "silu",
+        0.0,
+        [4, 4, 8, 8],
+    )
+    for name, parameter in model.state_dict().items():
+        assert torch.equal(parameter, loaded.state_dict()[name]), name
+
+
+def test_depthwise_init_divides_fan_out_by_groups():
+    block = DBSamChannelAttentionBlock(DBSamConfig())  # ViT-B width 768
+    block.init_adapter_weights("paper")
+    # timm / the authors: std = sqrt(2 / (9 * 768 / 768)) = 0.471; PyTorch's kaiming fan_out would give 0.017.
+    assert abs(block.depthwise.weight.std().item() - (2 / 9) ** 0.5) < 0.02
+    assert abs(block.pointwise.weight.std().item() - (2 / 768) ** 0.5) < 0.002
+
+
+def test_forward_keeps_sam_positional_order_and_annotates_its_return():
+    sam_parameters = list(inspect.signature(SamModel.forward).parameters.values())
+    parameters = list(inspect.signature(DBSamModel.forward).parameters.values())
+    positional = [p for p in sam_parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert [(p.name, p.default) for p in parameters[: len(positional)]] == [(p.name, p.default) for p in positional]
+    assert parameters[len(positional)].name == "conv_pixel_values"
+    assert inspect.signature(DBSamModel.forward).return_annotation in (
+        SamImageSegmentationOutput,
+        "SamImageSegmentationOutput",
+    )
+    model = scrambled_tiny_dbsam().eval()
+    batch = inputs()
+    points, labels = torch.tensor([[[[10.0, 12.0]]], [[[20.0, 8.0]]]]), torch.ones(2, 1, 1, dtype=torch.long)
+    with torch.no_grad():
+        by_keyword = model(pixel_values=batch["pixel_values"], input_points=points, input_labels=labels)
+        by_position = model(batch["pixel_values"], points, labels)
+        boxes_by_position = model(batch["pixel_values"], None, None, batch["input_boxes"], None, None, False)
+        boxes_by_keyword = model(**batch)
+    torch.testing.assert_close(by_position.pred_masks, by_keyword.pred_masks, rtol=0, atol=0)
+    torch.testing.assert_close(boxes_by_position.pred_masks, boxes_by_keyword.pred_masks, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from checkpointing import TrainerState
 from run_config import CONFIG_FILE_NAME, ConfigError, parse_config
@@ -14,7 +15,7 @@ from training_support import TRAINING_DIR, make_dataset, write_tiny_model_config
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("data") / "tiny-arrow", num_train=2, num_test=2)
+    return make_dataset(tmp_path_factory.mktemp("data") / "tiny-arrow", num_train=2, num_test=2, num_validation=2)
 
 
 @pytest.fixture
@@ -36,20 +37,110 @@ def test_yaml_values_are_typed_and_the_command_line_overrides_them(tmp_path, bas
     assert isinstance(config.training.learning_rate, float)
     assert (config.training.max_steps, config.training.seed, config.training.bf16) == (9, 5, False)
     assert config.model.config_overrides() == {"use_fusion": False}
+    variant = parse_config(["--config", path, "--adapter_variant", "authors"]).model.config_overrides()
+    assert variant == {"adapter_variant": "authors", "use_fusion": False}
     assert config.data.max_box_shift == 20  # the paper's default where neither sets it
 
 
-def test_paper_recipe_matches_the_paper(tmp_path, data_dir):
+def test_paper_recipe_matches_the_paper(tmp_path, train_test_dir):
     values = yaml.safe_load((TRAINING_DIR / "configs" / "paper.yaml").read_text())
     assert values["learning_rate"] == pytest.approx(1e-4) and values["weight_decay"] == pytest.approx(0.01)
     assert values["num_train_epochs"] == 12 and values["max_box_shift"] == 20 and values["horizontal_flip"] == 0
     assert values["adapter_dropout"] == values["adapter_drop_path_rate"] == pytest.approx(0.4)
     assert values["bf16"] or values.get("fp16")
+    # Model selection on a validation split carved from train by case; the test split is left to dbsam evaluate.
+    assert values["eval_split"] == "validation" and values["validation_fraction"] > 0
+    assert values["metric_for_best_model"] == "dsc" and values["eval_strategy"] != "no"
     config = parse_config(
-        ["--config", str(TRAINING_DIR / "configs" / "paper.yaml"), "--data", str(data_dir)]
+        ["--config", str(TRAINING_DIR / "configs" / "paper.yaml"), "--data", str(train_test_dir)]
         + ["--output_dir", str(tmp_path / "out")]
     )
     assert config.model.model == "facebook/sam-vit-base"
+
+
+def test_quickstart_selects_on_the_validation_split():
+    values = yaml.safe_load((TRAINING_DIR / "configs" / "quickstart.yaml").read_text())
+    assert values["eval_split"] == "validation" and values["metric_for_best_model"] == "dsc"
+    assert values["eval_strategy"] != "no"
+
+
+@pytest.fixture(scope="module")
+def train_test_dir(tmp_path_factory) -> Path:
+    """MedSAM's layout: train and test only (4 cases of 2 slices in train)."""
+    return make_dataset(tmp_path_factory.mktemp("data") / "train-test", num_train=8, num_test=2)
+
+
+def test_validation_is_carved_from_train_by_case_with_the_seeded_split(tmp_path, base, train_test_dir):
+    import datasets
+    from train import training_and_eval_sets
+
+    from modeling_dbsam.data.pairing import RawCase
+    from modeling_dbsam.data.splits import assign_splits
+
+    values = {**base, "data": str(train_test_dir), "validation_fraction": 0.5, "validation_seed": 3}
+    config = parse_config(["--config", write_yaml(tmp_path, values)])
+    train_set, eval_set = training_and_eval_sets(config)
+    full = datasets.load_from_disk(str(train_test_dir))["train"]
+    cases = sorted({f"{t}/{c}" for t, c in zip(full["task"], full["case_id"])})
+    expected = assign_splits([RawCase(c, "", "") for c in cases], (0.5, 0.5, 0.0), seed=3)["validation"]
+    assert sorted(set(eval_set["case_id"])) == sorted(c.case_id.split("/")[1] for c in expected)
+    assert not set(eval_set["case_id"]) & set(train_set["case_id"])  # no case on both sides
+    assert len(train_set) + len(eval_set) == len(full) == 8 and len(eval_set) == 4
+    assert "test-case-0" not in set(eval_set["case_id"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"eval_split": "test"}, "must not read the test split"),
+        ({"validation_fraction": 0.5}, "has its own validation split"),
+        ({"validation_fraction": 1.0}, "validation_fraction must be in [0, 1)"),
+        ({"validation_fraction": 0.5, "eval_split": "train"}, "set eval_split: validation"),
+    ],
+)
+def test_model_selection_never_reads_the_test_split(tmp_path, base, change, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(["--config", write_yaml(tmp_path, {**base, **change})])
+    assert message in str(error.value)
+
+
+def test_without_a_validation_split_the_error_says_how_to_carve_one(tmp_path, base, train_test_dir):
+    with pytest.raises(ConfigError, match="set validation_fraction"):
+        parse_config(["--config", write_yaml(tmp_path, {**base, "data": str(train_test_dir)})])
+    values = {**base, "data": str(train_test_dir), "eval_strategy": "no"}
+    assert parse_config(["--config", write_yaml(tmp_path, values)]).data.validation_fraction == 0
+
+
+def test_sync_batch_norm_defaults_on_for_several_gpu_processes_only():
+    from model_setup import wants_sync_batch_norm
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [wants_sync_batch_norm(None, n, cuda) for n in (1, 2)] == [False, True]
+    assert wants_sync_batch_norm(None, 2, cpu) is False  # PyTorch's SyncBatchNorm has no CPU kernel
+    assert wants_sync_batch_norm(False, 4, cuda) is False and wants_sync_batch_norm(True, 1, cuda) is True
+    with pytest.raises(ValueError, match="SyncBatchNorm needs GPU processes"):
+        wants_sync_batch_norm(True, 2, cpu)
+
+
+def test_conv_branch_batch_norm_becomes_sync_batch_norm_with_the_same_state():
+    from model_setup import convert_to_sync_batch_norm
+
+    from modeling_dbsam import DBSamConfig, DBSamModel
+
+    torch.manual_seed(0)
+    model = DBSamModel(DBSamConfig(**tiny_sam_config_dict(), adapter_variant="authors")).eval()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.get_image_embeddings(pixels)
+    assert convert_to_sync_batch_norm(model) == 4
+    kinds = [type(m) for m in model.vision_encoder.conv_branch.modules() if "BatchNorm" in type(m).__name__]
+    assert kinds == [torch.nn.SyncBatchNorm] * 4
+    assert model.vision_encoder.conv_branch.layers[1].momentum == 0.01  # the variant's momentum is kept
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(model.get_image_embeddings(pixels), expected)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +152,7 @@ def test_paper_recipe_matches_the_paper(tmp_path, data_dir):
         ({"eval_strategy": "sometimes"}, "eval_strategy must be one of 'no', 'steps', 'epoch'"),
         ({"data": "/no/such/folder"}, "data /no/such/folder: no such folder"),
         ({"data": None}, "data is required"),
-        ({"train_split": "validation"}, "train_split 'validation' not in"),
+        ({"train_split": "training"}, "train_split 'training' not in"),
         ({"model": "facebook/sam-vit-base"}, "exactly one of model and model_config"),
         ({"bf16": True, "fp16": True}, "choose one of bf16 and fp16"),
         ({"eval_strategy": "steps"}, "eval_strategy steps needs eval_steps"),
@@ -95,7 +186,7 @@ def test_train_py_reports_config_errors_in_one_line_before_any_work(tmp_path, ba
     # Found only once the eval split is read (it holds 3D tasks alone), still before output_dir is touched.
     path = write_yaml(tmp_path, {**base, "metric_for_best_model": "dsc_2d", "report_to": "none"})
     assert train.main(["--config", path]) == 2
-    assert "metric_for_best_model 'dsc_2d' cannot be computed on eval_split 'test'" in capsys.readouterr().err
+    assert "metric_for_best_model 'dsc_2d' cannot be computed on eval_split 'validation'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -38,7 +38,7 @@ RANK_DUMP = textwrap.dedent(
 
 
 def test_two_processes_end_with_identical_weights_and_share_the_data(tmp_path):
-    data = make_dataset(tmp_path / "arrow", num_train=8, num_test=4)
+    data = make_dataset(tmp_path / "arrow", num_train=8, num_test=4, num_validation=4)
     model_config = write_tiny_model_config(tmp_path / "model.json")
     script = tmp_path / "rank_dump.py"
     script.write_text(RANK_DUMP.format(training=str(TRAINING_DIR)))
@@ -63,7 +63,10 @@ def test_two_processes_end_with_identical_weights_and_share_the_data(tmp_path):
     # 8 examples over 2 processes x 1 per micro-batch: 4 optimizer steps in the epoch, not 8.
     state = TrainerState.load(output / "checkpoints" / "checkpoint-4")
     assert state.global_step == 4 and [e["step"] for e in state.evaluations] == [4]
-    # Both processes scored a share of the test cases (2 cases of 2 slices), and the shares were combined.
+    # Both processes scored a share of the validation cases (2 cases of 2 slices), and the shares were combined.
     shares = [(output / "evaluations" / "step-4" / f"cases-{rank}.jsonl").read_text().splitlines() for rank in (0, 1)]
-    assert sorted(json.loads(line)["case_id"] for share in shares for line in share) == ["test-case-0", "test-case-1"]
+    assert sorted(json.loads(line)["case_id"] for share in shares for line in share) == [
+        "validation-case-0",
+        "validation-case-1",
+    ]
     assert sum(task["cases"] for task in state.evaluations[0]["tasks"]) == 2

@@ -26,7 +26,7 @@ from modeling_dbsam.processing import load_processor
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("data") / "arrow", num_train=8, num_test=4)
+    return make_dataset(tmp_path_factory.mktemp("data") / "arrow", num_train=8, num_test=4, num_validation=4)
 
 
 @pytest.fixture(autouse=True)
@@ -229,15 +229,15 @@ def test_evaluation_picks_the_best_checkpoint_and_publishes_its_scores(tmp_path,
     saved = final_weights(output)
     assert all(torch.equal(saved[name], best_weights[name]) for name in best_weights)
 
-    # The scores match `dbsam evaluate`'s own path on the published folder.
-    test_split = datasets.load_from_disk(str(data_dir))["test"]
+    # The scores match `dbsam evaluate`'s own path on the published folder, on the validation split it selected by.
+    validation = datasets.load_from_disk(str(data_dir))["validation"]
     results = evaluate_model(
         lambda: (DBSamModel.from_pretrained(output).eval(), load_processor(output)),
-        test_split,
+        validation,
         PAPER,
         tmp_path / "report",
         model_info={"name": "tiny", "path": str(output), "fingerprint": "x"},
-        data_info={"path": str(data_dir), "split": "test", "fingerprint": "y"},
+        data_info={"path": str(data_dir), "split": "validation", "fingerprint": "y"},
     )
     assert results["averages"] == published["averages"]
     assert results["tasks"] == published["tasks"]

@@ -39,11 +39,13 @@ def square_example(index: int, rng: np.random.Generator, case: str, dimension: s
     )
 
 
-def make_dataset(folder: Path, num_train: int = 8, num_test: int = 4, seed: int = 0) -> Path:
-    """A DatasetDict (train / test) in the project's schema, written with ``save_to_disk``."""
+def make_dataset(folder: Path, num_train: int = 8, num_test: int = 4, seed: int = 0, num_validation: int = 0) -> Path:
+    """A DatasetDict (train / [validation /] test) in the project's schema, written with ``save_to_disk``."""
     rng = np.random.default_rng(seed)
     splits = {}
-    for split, count in (("train", num_train), ("test", num_test)):
+    for split, count in (("train", num_train), ("test", num_test), ("validation", num_validation)):
+        if split == "validation" and not count:
+            continue
         rows = [square_example(i, rng, case=f"{split}-case-{i // 2}", dimension="3D") for i in range(count)]
         splits[split] = datasets.Dataset.from_list(rows, features=FEATURES)
     datasets.DatasetDict(splits).save_to_disk(str(folder))

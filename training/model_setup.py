@@ -46,6 +46,27 @@ def reset_sam_layers(model: DBSamModel) -> None:
             module.reset_parameters()
 
 
+def wants_sync_batch_norm(setting: bool | None, num_processes: int, device: torch.device) -> bool:
+    """Whether the conv branch's BatchNorm should be synchronised: by default when several GPU processes
+    each see a slice of the batch. PyTorch's SyncBatchNorm runs on accelerators only."""
+    if setting is None:
+        return num_processes > 1 and device.type != "cpu"
+    if setting and num_processes > 1 and device.type == "cpu":
+        raise ValueError("sync_batch_norm: PyTorch's SyncBatchNorm needs GPU processes; set it false on CPU")
+    return setting
+
+
+def convert_to_sync_batch_norm(model: DBSamModel) -> int:
+    """Replace the conv branch's BatchNorm layers by SyncBatchNorm (same statistics, momentum and parameter
+    names, so checkpoints and `save_pretrained` are unchanged); return how many were replaced."""
+    branch = model.vision_encoder.conv_branch
+    if branch is None:
+        return 0
+    count = sum(isinstance(module, torch.nn.BatchNorm2d) for module in branch.modules())
+    model.vision_encoder.conv_branch = torch.nn.SyncBatchNorm.convert_sync_batchnorm(branch)
+    return count
+
+
 def build_processor(args: ModelArguments, config: DBSamConfig) -> SamProcessor:
     """The processor named by ``processor``, the checkpoint's own, or SAM's preprocessing sized to ``model_config``."""
     source = args.processor or args.model

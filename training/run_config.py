@@ -50,6 +50,10 @@ class ModelArguments:
         default=None,
         metadata={"help": "Folder of the SamProcessor to use; defaults to --model's, or one matching --model_config."},
     )
+    adapter_variant: Literal["paper", "authors"] | None = field(
+        default=None,
+        metadata={"help": "Adapter blocks as the paper's text describes them or as the authors' release."},
+    )
     use_channel_attention: bool | None = field(default=None, metadata={"help": "Channel attention blocks (Eq. 1)."})
     use_conv_branch: bool | None = field(default=None, metadata={"help": "Conv branch + bilateral cross-attention."})
     use_fusion: bool | None = field(default=None, metadata={"help": "ViT-Conv fusion (Eq. 2)."})
@@ -60,7 +64,7 @@ class ModelArguments:
 
     def config_overrides(self) -> dict[str, Any]:
         """The adapter fields that were set, as DBSamConfig keyword arguments."""
-        names = ("use_channel_attention", "use_conv_branch", "use_fusion", "adapter_dropout")
+        names = ("adapter_variant", "use_channel_attention", "use_conv_branch", "use_fusion", "adapter_dropout")
         names += ("adapter_drop_path_rate", "adapter_init", "train_neck")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
@@ -73,7 +77,18 @@ class DataArguments:
 
     data: str | None = field(default=None, metadata={"help": "Dataset folder written by DatasetDict.save_to_disk."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str = field(default="test", metadata={"help": "Split to evaluate on during training."})
+    eval_split: str = field(
+        default="validation",
+        metadata={"help": "Split that evaluation during training (model selection) reads; never the test split."},
+    )
+    validation_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "If > 0: carve this fraction of train_split's cases (by case, seeded) as the 'validation' "
+            "eval split, and train on the rest."
+        },
+    )
+    validation_seed: int = field(default=0, metadata={"help": "Seed of the case-level validation carve."})
     max_box_shift: int = field(
         default=20, metadata={"help": "Box jitter: each side moves out by randint(0, max_box_shift) px at 256 px."}
     )
@@ -103,7 +118,9 @@ class TrainingArguments:
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Images per encoder batch in evaluation."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate (paper: 1e-4)."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)."})
+    weight_decay: float = field(
+        default=0.01, metadata={"help": "AdamW weight decay (the authors' config: 0.01; the paper states none)."}
+    )
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -136,6 +153,13 @@ class TrainingArguments:
     )
     load_best_model_at_end: bool = field(default=False, metadata={"help": "Save the best checkpoint's model."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+    sync_batch_norm: bool | None = field(
+        default=None,
+        metadata={
+            "help": "SyncBatchNorm in the conv branch (the authors' choice) so BatchNorm sees the global batch; "
+            "default: on with more than one GPU process."
+        },
+    )
 
     @property
     def mixed_precision(self) -> str:
@@ -301,10 +325,29 @@ def validate(config: RunConfig) -> None:
     _check(data_path.is_dir(), f"data {data_path}: no such folder")
     splits = _dataset_splits(data_path)
     _check(data.train_split in splits, f"train_split {data.train_split!r} not in {data_path} (splits: {splits})")
+    _check(
+        0.0 <= data.validation_fraction < 1.0, f"validation_fraction must be in [0, 1), got {data.validation_fraction}"
+    )
+    if data.validation_fraction > 0:
+        _check(
+            data.eval_split == "validation",
+            f"validation_fraction carves the split named 'validation'; set eval_split: validation, not {data.eval_split!r}",
+        )
+        _check(
+            "validation" not in splits,
+            f"data {data_path} has its own validation split: set validation_fraction: 0 to evaluate on it",
+        )
     if train.eval_strategy != "no":
         _check(
-            data.eval_split in splits,
-            f"eval_split {data.eval_split!r} not in {data_path} (splits: {splits}); or set eval_strategy: no",
+            data.eval_split != "test",
+            "eval_split 'test': evaluation during training selects the model, so it must not read the test split; "
+            "evaluate on a validation split (the dataset's, or validation_fraction: 0.1 to carve one from "
+            "train_split by case) and score the test split once with `dbsam evaluate` after training",
+        )
+        _check(
+            data.eval_split in splits or data.validation_fraction > 0,
+            f"eval_split {data.eval_split!r} not in {data_path} (splits: {splits}); set validation_fraction "
+            "(e.g. 0.1) to carve a validation split from train_split by case, or eval_strategy: no",
         )
     _check(data.max_box_shift >= 0, f"max_box_shift must be >= 0, got {data.max_box_shift}")
     _check(0.0 <= data.horizontal_flip <= 1.0, f"horizontal_flip must be in [0, 1], got {data.horizontal_flip}")

@@ -38,7 +38,14 @@ from checkpointing import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from model_setup import build_model, build_optimizer, build_processor, build_scheduler
+from model_setup import (
+    build_model,
+    build_optimizer,
+    build_processor,
+    build_scheduler,
+    convert_to_sync_batch_norm,
+    wants_sync_batch_norm,
+)
 from periodic_eval import SUMMARY_METRICS, available_metrics, evaluate_during_training
 from reproducibility import EpochShuffleSampler, seed_micro_batch
 from run_config import CONFIG_FILE_NAME, ConfigError, RunConfig, parse_config
@@ -47,6 +54,7 @@ from tqdm.auto import tqdm
 
 from modeling_dbsam import DBSamModel
 from modeling_dbsam.data import SamBoxTransform, collate_batch
+from modeling_dbsam.data.splits import carve_validation
 from modeling_dbsam.io import atomic_write
 from modeling_dbsam.losses import bce_dice_loss
 from modeling_dbsam.pixels import SamPixels, conv_input_size
@@ -106,12 +114,12 @@ class Training:
         self.trainable_parameters = model.freeze_for_training()
         if args.gradient_checkpointing:
             model.activation_checkpointing_enable()
+        if wants_sync_batch_norm(args.sync_batch_norm, self.accelerator.num_processes, self.accelerator.device):
+            convert_to_sync_batch_norm(model)
 
-        splits = datasets.load_from_disk(config.data.data)
-        self.eval_set = splits[config.data.eval_split] if args.eval_strategy != "no" else None
+        train_set, self.eval_set = training_and_eval_sets(config)
         if self.eval_set is not None:
             check_eval_set(self.eval_set, config)
-        train_set = splits[config.data.train_split]
         self.sampler = EpochShuffleSampler(len(train_set), args.seed)
         self._prepare_output_dir()  # only now: a setup error above leaves output_dir untouched
         # Box jitter is a function of (seed, epoch, example): see SamBoxTransform. Loader workers only resize:
@@ -373,6 +381,19 @@ def publish_model(model: DBSamModel, state_dict: dict, processor, evaluation: di
     for file in staging.iterdir():
         os.replace(file, output_dir / file.name)
     staging.rmdir()
+
+
+def training_and_eval_sets(config: RunConfig) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The training split and the split that selects the model: the dataset's own, or one carved from the
+    training split by case (``validation_fraction``). The test split is left to ``dbsam evaluate``."""
+    data = config.data
+    splits = datasets.load_from_disk(data.data)
+    train_set = splits[data.train_split]
+    if data.validation_fraction > 0:
+        train_set, validation = carve_validation(train_set, data.validation_fraction, data.validation_seed)
+        splits = {**splits, "validation": validation}
+    eval_set = splits[data.eval_split] if config.training.eval_strategy != "no" else None
+    return train_set, eval_set
 
 
 def check_eval_set(eval_set: datasets.Dataset, config: RunConfig) -> None:

@@ -61,7 +61,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--size", type=int, default=256, help="resize slices to SIZE x SIZE; 0 keeps the native size (default 256)"
     )
     parser.add_argument(
-        "--min-size", type=int, default=100, help="drop objects under this many pixels per slice (default 100)"
+        "--min-size",
+        type=int,
+        default=100,
+        help="remove 2D connected components (8-connectivity) under this many pixels per slice, at native "
+        "resolution before resizing (MedSAM: 100; 0 keeps all)",
+    )
+    parser.add_argument(
+        "--min-volume",
+        type=int,
+        default=1000,
+        help="in volumes, first remove 3D connected components (26-connectivity) under this many voxels, at native "
+        "resolution (MedSAM: 1000; 0 keeps all)",
     )
     parser.add_argument("--components", action="store_true", help="one object per connected component of each label")
     parser.add_argument(
@@ -88,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         size=args.size or None,
         min_size=args.min_size,
+        min_volume=args.min_volume,
         components=args.components,
         images=args.images,
         label_maps=args.label_maps,

@@ -109,7 +109,9 @@ def dataset_card(
         lines += [
             "## Import report",
             "",
-            f"Objects under the minimum size dropped: {report.small_objects_dropped}. "
+            f"Small connected components removed at native resolution (MedSAM's rules): "
+            f"{report.small_components_dropped_3d} in 3D, {report.small_components_dropped_2d} in 2D slices. "
+            f"Objects that vanished in resizing: {report.objects_lost_in_resize}. "
             f"Slices without foreground dropped: {report.empty_slices_dropped}. "
             f"Files or cases skipped: {len(report.skipped)}.",
             "",

@@ -9,9 +9,13 @@ is ever held):
 - slices along the array's first axis (the file's third axis, axial for most CT/MR), resized to
   ``size`` x ``size`` (bicubic for images, nearest for labels; ``None`` keeps the native size; the
   stored ``spacing`` is that of the resized grid);
+- MedSAM's small-object rules at the native resolution, before any resizing, per label value: in a
+  volume, 3D connected components under ``min_volume`` voxels (26-connectivity) are removed, then on
+  every slice 2D components under ``min_size`` pixels (8-connectivity); each removed component is
+  counted, and the masks come from the cleaned label map;
 - one example per object: each label value (or, with ``components=True``, each connected component
-  of it, labelled ``value * 1000 + k``) on each slice; objects under ``min_size`` pixels in the
-  stored slice are dropped and counted, as are slices without foreground;
+  of it, labelled ``value * 1000 + k``) on each slice; slices without foreground are dropped and
+  counted;
 - case-level splits, seeded: a case (one image file or DICOM series) never spans two splits.
 """
 
@@ -51,7 +55,9 @@ class ImportReport:
     task: str = ""
     examples: Counter = field(default_factory=Counter)
     cases: Counter = field(default_factory=Counter)
-    small_objects_dropped: int = 0
+    small_components_dropped_3d: int = 0
+    small_components_dropped_2d: int = 0
+    objects_lost_in_resize: int = 0
     empty_slices_dropped: int = 0
     skipped: list[str] = field(default_factory=list)
 
@@ -59,7 +65,9 @@ class ImportReport:
         lines = [f"wrote {self.out_dir} (task: {self.task})"]
         lines += [f"  {split}: {self.cases[split]} cases, {self.examples[split]} examples" for split in self.examples]
         lines.append(
-            f"  dropped: {self.small_objects_dropped} objects under the minimum size, "
+            f"  dropped: {self.small_components_dropped_3d} 3D components under the minimum volume, "
+            f"{self.small_components_dropped_2d} 2D components under the minimum size (native resolution), "
+            f"{self.objects_lost_in_resize} objects that vanished in resizing, "
             f"{self.empty_slices_dropped} slices without foreground"
         )
         if self.skipped:
@@ -77,6 +85,7 @@ class ImportSettings:
     size: int | None
     min_size: int
     components: bool
+    min_volume: int = 1000
 
 
 def _check_geometry(image: MedicalImage, label: MedicalImage) -> None:
@@ -130,6 +139,40 @@ def _connected_components(label_map: np.ndarray, values: np.ndarray, source: str
     return components
 
 
+def _remove_small_components(label_map: np.ndarray, values: np.ndarray, structure: np.ndarray, minimum: int) -> int:
+    """Set to background, in place, every connected component of each label value under ``minimum`` elements."""
+    from scipy import ndimage
+
+    removed = 0
+    for value in values:
+        numbered, count = ndimage.label(label_map == value, structure=structure)
+        small = np.flatnonzero(np.bincount(numbered.ravel(), minlength=count + 1)[1:] < minimum) + 1
+        if small.size:
+            label_map[np.isin(numbered, small)] = 0
+            removed += int(small.size)
+    return removed
+
+
+def remove_dust(
+    labels: np.ndarray, values: np.ndarray, *, min_volume: int, min_size: int, volume: bool
+) -> tuple[np.ndarray, int, int]:
+    """MedSAM's small-object rules on a (slices, H, W) label map at native resolution; returns a cleaned copy.
+
+    Per label value: in a volume, 3D components under ``min_volume`` voxels (26-connectivity) go first;
+    then, on every slice, 2D components under ``min_size`` pixels (8-connectivity). Also returns the numbers
+    of 3D and 2D components removed. A threshold of 0 switches its rule off.
+    """
+    cleaned = np.array(labels, copy=True)
+    removed_3d = removed_2d = 0
+    if volume and min_volume > 0:
+        removed_3d = _remove_small_components(cleaned, values, np.ones((3, 3, 3), bool), min_volume)
+    if min_size > 0:
+        in_plane = np.zeros((3, 3, 3), bool)
+        in_plane[1] = True  # 8-connectivity within a slice, never across slices
+        removed_2d = _remove_small_components(cleaned, values, in_plane, min_size)
+    return cleaned, removed_3d, removed_2d
+
+
 def resize_image(image: np.ndarray, size: int | None) -> np.ndarray:
     """Bicubic resize of a uint8 slice (H x W or H x W x 3) to ``size`` x ``size``."""
     if size is None or image.shape[:2] == (size, size):
@@ -157,6 +200,7 @@ class OpenCase:
     rule: IntensityRule
     dimension: str
     spacing: tuple[float, ...] | None
+    dust_removed: tuple[int, int] = (0, 0)  # 3D and 2D components under the minimum sizes, removed
 
 
 def open_case(case: RawCase, settings: ImportSettings) -> OpenCase:
@@ -167,12 +211,19 @@ def open_case(case: RawCase, settings: ImportSettings) -> OpenCase:
     selected = label_values(label_map, case.label)
     if settings.labels is not None:
         selected = selected[np.isin(selected, settings.labels)]
+    volume = image.is_volume
+    labels, *dust_removed = remove_dust(
+        label_map if volume else label_map[None],
+        selected,
+        min_volume=settings.min_volume,
+        min_size=settings.min_size,
+        volume=volume,
+    )
     if settings.components:
-        label_map = _connected_components(label_map, selected, case.label)
+        labels = _connected_components(labels, selected, case.label)
         selected = None  # every component of a selected value is wanted
     rule = fit_intensity_rule(image.array, settings.modality, settings.window)
-    volume = image.is_volume
-    images, labels = (image.array, label_map) if volume else (image.array[None], label_map[None])
+    images = image.array if volume else image.array[None]
     height, width = images.shape[1:3]
     out_height, out_width = (settings.size, settings.size) if settings.size else (height, width)
     if volume:
@@ -183,12 +234,14 @@ def open_case(case: RawCase, settings: ImportSettings) -> OpenCase:
     else:
         y, x = image.spacing[-2:]
         spacing = (y * height / out_height, x * width / out_width)
-    return OpenCase(case, images, labels, selected, rule, "3D" if volume else "2D", spacing)
+    return OpenCase(case, images, labels, selected, rule, "3D" if volume else "2D", spacing, tuple(dust_removed))
 
 
 def case_examples(opened: OpenCase, settings: ImportSettings, report: ImportReport) -> Iterator[dict]:
     """Yield a case's examples slice by slice, counting what the rules drop into ``report``."""
     case = opened.case
+    report.small_components_dropped_3d += opened.dust_removed[0]
+    report.small_components_dropped_2d += opened.dust_removed[1]
     for index in range(len(opened.images)):
         values = label_values(opened.labels[index], case.label)
         if opened.selected is not None:
@@ -202,8 +255,8 @@ def case_examples(opened: OpenCase, settings: ImportSettings, report: ImportRepo
         encoded = None
         for value in values:
             mask = slice_labels == value
-            if np.count_nonzero(mask) < settings.min_size:
-                report.small_objects_dropped += 1
+            if not mask.any():  # a tiny object that nearest-neighbour downsampling missed
+                report.objects_lost_in_resize += 1
                 continue
             encoded = encoded or encode_image(slice_image, source)
             yield make_example(
@@ -239,7 +292,7 @@ def _generate(
         progress.update(1)
 
 
-def _settings(raw_dir: Path, modality, task, window, labels, size, min_size, components) -> ImportSettings:
+def _settings(raw_dir: Path, modality, task, window, labels, size, min_size, components, min_volume) -> ImportSettings:
     named = resolve_task(task) if task else resolve_task(f"{modality or ''} {raw_dir.name}")
     if modality is None:
         if named is None:
@@ -255,9 +308,13 @@ def _settings(raw_dir: Path, modality, task, window, labels, size, min_size, com
     if window is None and modality.upper() == "CT" and named is not None and named.ct_window:
         window = named.ct_window
     fit_intensity_rule(np.zeros(1, np.float32), modality, window)  # reject a bad window before reading anything
-    if (size is not None and size < 1) or min_size < 0:
-        raise ValueError(f"size must be positive (or None to keep) and min_size >= 0; got {size}, {min_size}")
-    return ImportSettings(task, modality, window, tuple(labels) if labels else None, size, min_size, components)
+    if (size is not None and size < 1) or min_size < 0 or min_volume < 0:
+        raise ValueError(
+            f"size must be positive (or None to keep), min_size and min_volume >= 0; got {size}, {min_size}, {min_volume}"
+        )
+    return ImportSettings(
+        task, modality, window, tuple(labels) if labels else None, size, min_size, components, min_volume
+    )
 
 
 def prepare_raw_dataset(
@@ -272,6 +329,7 @@ def prepare_raw_dataset(
     seed: int = 0,
     size: int | None = 256,
     min_size: int = 100,
+    min_volume: int = 1000,
     components: bool = False,
     images: str | None = None,
     label_maps: str | None = None,
@@ -284,7 +342,9 @@ def prepare_raw_dataset(
     """Convert a folder of images and label maps into an Arrow ``DatasetDict`` saved at ``out_dir``.
 
     Pairs ``imagesTr``/``labelsTr`` (and ``imagesTs``/``labelsTs`` as the test split), or the
-    ``images``/``label_maps`` globs. ``task`` may be one of the 30 (any spelling
+    ``images``/``label_maps`` globs. MedSAM's small-object rules run at the native resolution before
+    resizing: 3D components under ``min_volume`` voxels (volumes only), then 2D components under
+    ``min_size`` pixels per slice (0 switches a rule off). ``task`` may be one of the 30 (any spelling
     :func:`~modeling_dbsam.data.tasks.resolve_task` accepts) or a name of your own; without it the
     task is guessed from the modality and the folder name. A case that cannot be read or whose
     label map does not fit its image is skipped and reported; ``out_dir`` appears only when complete,
@@ -297,7 +357,7 @@ def prepare_raw_dataset(
     check_output_folder(out_dir, overwrite)
     if (images is None) != (label_maps is None):
         raise ValueError("pass both --images and --label-maps globs, or neither (nnU-Net layout)")
-    settings = _settings(raw_dir, modality, task, window, labels, size, min_size, components)
+    settings = _settings(raw_dir, modality, task, window, labels, size, min_size, components, min_volume)
     fractions = parse_split(split) if split is not None else None
     cases, problems = find_glob_cases(raw_dir, images, label_maps) if images else find_nnunet_cases(raw_dir, channel)
     if not cases:
@@ -352,5 +412,8 @@ def _intensity_note(settings: ImportSettings) -> str:
     )
     return (
         f"Modality {settings.modality}: {rule}, scaled to uint8. Slices resized to {size}. "
-        f"Objects under {settings.min_size} pixels per slice and slices without foreground dropped{components}."
+        f"MedSAM's small-object rules at native resolution, before resizing: 3D connected components under "
+        f"{settings.min_volume} voxels (26-connectivity, volumes only), then 2D components under "
+        f"{settings.min_size} pixels per slice (8-connectivity), removed from the label map; slices without "
+        f"foreground dropped{components}."
     )

@@ -44,3 +44,21 @@ def assign_splits(
         if case.split is not None:
             splits[case.split].append(case)
     return {name: sorted(members, key=lambda c: c.case_id) for name, members in splits.items() if members}
+
+
+def carve_validation(dataset, fraction: float, seed: int = 0):
+    """Split a dataset into (train, validation) by case with :func:`assign_splits`: every slice of a case
+    (task + case id) lands on one side, so model selection never sees a training case's slices."""
+    keys = [f"{task}/{case}" for task, case in zip(dataset["task"], dataset["case_id"])]
+    cases = [RawCase(key, "", "") for key in sorted(set(keys))]
+    chosen = {
+        case.case_id for case in assign_splits(cases, (1.0 - fraction, fraction, 0.0), seed).get("validation", [])
+    }
+    if not chosen or len(chosen) == len(cases):
+        raise ValueError(
+            f"validation_fraction {fraction} of {len(cases)} cases leaves "
+            f"{'no validation' if not chosen else 'no training'} case: a validation split is carved by case"
+        )
+    in_validation = [key in chosen for key in keys]
+    train = dataset.select([i for i, inside in enumerate(in_validation) if not inside])
+    return train, dataset.select([i for i, inside in enumerate(in_validation) if inside])
