@@ -7,6 +7,7 @@ seconds, not a model load.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 
