@@ -9,6 +9,13 @@ the low-res logits, backward, AdamW step over the trainable parameters.
 
     python benchmarks/bench_train.py                       # the numbers in docs/benchmarks.md
     python benchmarks/bench_train.py --rounds 3 --steps 2  # more repeats
+
+``--loops`` instead compares ``training/train.py`` (transformers' Trainer) with a reference loop that does
+what the hand-written Accelerate loop it replaced did per step (device normalisation of the uint8 batch,
+per-micro-batch dropout seed, forward, BCE + Dice, backward, clipping at 1.0, AdamW, polynomial schedule):
+the quickstart model and data, batch 4, same seed, each loop in its own process, interleaved rounds.
+
+    python benchmarks/bench_train.py --loops               # the Trainer row of docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -66,6 +73,102 @@ def measure(model_name: str, checkpointing: bool, steps: int, warmup: int, image
     return {"times": times, "peak_mib": peak_rss / 1024, "setup_mib": setup_rss / 1024, "trainable": trainable}
 
 
+def measure_loop(loop: str, steps: int, warmup: int) -> dict:
+    """Run in a child process: ``steps`` timed optimizer steps after ``warmup`` of one loop, data loading excluded."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "training"))
+    import torch
+    import train
+    from reproducibility import derive_seed
+    from transformers import TrainerCallback
+
+    argv = [
+        "--model_config",
+        str(root / "training/configs/quickstart_model.json"),
+        "--data",
+        str(root / "data/sample"),
+    ]
+    argv += ["--output_dir", f"/tmp/bench-train-{loop}", "--overwrite_output_dir", "--seed", "0"]
+    argv += ["--max_steps", str(warmup + steps), "--per_device_train_batch_size", "4", "--learning_rate", "1e-3"]
+    argv += ["--adapter_dropout", "0.1", "--adapter_drop_path_rate", "0.1", "--horizontal_flip", "0.5"]
+    argv += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm"]
+    argv += ["--logging_steps", "1000"]
+    trainer = train.build_trainer(train.parse_config(argv))
+    times, setup = [], {}
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            setup.setdefault("rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    if loop == "trainer":
+        trainer.add_callback(StepTimer())
+        trainer.train()
+    else:  # the replaced loop's step, on the same model, data, optimizer settings and schedule
+        from accelerate import Accelerator
+        from transformers import get_polynomial_decay_schedule_with_warmup
+
+        from modeling_dbsam.losses import bce_dice_loss
+
+        accelerator, model = Accelerator(cpu=True), trainer.model
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": 0.01}]
+        groups.append({"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, lr=1e-3)
+        scheduler = get_polynomial_decay_schedule_with_warmup(optimizer, 12, warmup + steps)
+        loader = trainer.get_train_dataloader()
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        loader.set_epoch(0)
+        model.train()
+        timer = StepTimer()
+        for step, batch in zip(range(warmup + steps), loader):
+            timer.on_step_begin(None, None, None)
+            torch.manual_seed(derive_seed(0, step, 0))
+            pixel_values = trainer.pixels.normalize(batch["pixel_values"], batch["reshaped_input_sizes"])
+            outputs = model(pixel_values=pixel_values, input_boxes=batch["input_boxes"], multimask_output=False)
+            losses = bce_dice_loss(outputs.pred_masks[:, :, 0], batch["labels"])
+            accelerator.backward(losses.loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            timer.on_step_end(None, None, None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"times": times[warmup:], "peak_mib": peak / 1024, "setup_mib": setup["rss"] / 1024, "trainable": 0}
+
+
+def compare_loops(args: argparse.Namespace) -> None:
+    results: dict[str, list[dict]] = {"reference": [], "trainer": []}
+    for round_index in range(args.rounds):
+        for loop in results:
+            command = [sys.executable, __file__, "--loop-child", loop, "--steps", str(args.steps)]
+            result = subprocess.run(
+                [*command, "--warmup", str(args.warmup)], capture_output=True, encoding="utf-8", errors="replace"
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"{loop} failed:\n{result.stderr[-3000:]}")
+            results[loop].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(f"round {round_index + 1}/{args.rounds}: {loop} done", file=sys.stderr, flush=True)
+    print(f"quickstart model and data, batch 4, fp32, CPU; {args.rounds} interleaved rounds x {args.steps} steps")
+    print("\n| loop | s/step min | s/step median | time vs reference | peak RSS MiB | peak above setup MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    reference = None
+    for loop, runs in results.items():
+        times = [t for run in runs for t in run["times"]]
+        median, peak = statistics.median(times), max(run["peak_mib"] for run in runs)
+        above = max(run["peak_mib"] - run["setup_mib"] for run in runs)
+        reference = reference or (median, peak)
+        print(
+            f"| {loop} | {min(times):.3f} | {median:.3f} | {median / reference[0]:.3f}x | {peak:.0f} "
+            f"({peak / reference[1]:.3f}x) | {above:.0f} |"
+        )
+
+
 def run_child(model_name: str, checkpointing: bool, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--child", model_name, "--steps", str(args.steps)]
     command += ["--warmup", str(args.warmup), "--image-size", str(args.image_size)]
@@ -84,7 +187,15 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--loops", action="store_true", help="compare training/train.py with the reference loop")
+    parser.add_argument("--loop-child", choices=("reference", "trainer"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.loop_child:
+        print(json.dumps(measure_loop(args.loop_child, args.steps, args.warmup)))
+        return
+    if args.loops:
+        compare_loops(args)
+        return
     if args.child:
         print(json.dumps(measure(args.child, args.checkpointing, args.steps, args.warmup, args.image_size)))
         return

@@ -137,8 +137,8 @@ def _to_model_frame(coords: np.ndarray, encoded: EncodedImages) -> torch.Tensor:
 
 
 def _model_dtype_and_device(model: SamModel) -> tuple[torch.dtype, torch.device]:
-    parameter = next(model.parameters())
-    return parameter.dtype, parameter.device
+    """Of a PyTorch model, or of :class:`modeling_dbsam.onnx_runtime.OnnxSamModel` (fp32 on the CPU)."""
+    return model.dtype, model.device
 
 
 @torch.inference_mode()

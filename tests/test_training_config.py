@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from checkpointing import TrainerState
-from run_config import CONFIG_FILE_NAME, ConfigError, parse_config
+from arguments import CONFIG_FILE_NAME, ConfigError, parse_config
 from tiny import tiny_sam_config_dict
 from training_support import TRAINING_DIR, make_dataset, write_tiny_model_config
+from transformers import TrainerState
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,14 @@ def test_yaml_values_are_typed_and_the_command_line_overrides_them(tmp_path, bas
     assert isinstance(config.training.learning_rate, float)
     assert (config.training.max_steps, config.training.seed, config.training.bf16) == (9, 5, False)
     assert config.model.config_overrides() == {"use_fusion": False}
-    variant = parse_config(["--config", path, "--adapter_variant", "authors"]).model.config_overrides()
+    variant = parse_config(
+        ["--config", path, "--adapter_variant", "authors", "--bf16", "false"]
+    ).model.config_overrides()
     assert variant == {"adapter_variant": "authors", "use_fusion": False}
     assert config.data.max_box_shift == 20  # the paper's default where neither sets it
+    # transformers' own options and the project's recipe defaults, in one TrainingArguments
+    assert config.training.lr_scheduler_type == "polynomial" and config.training.optim == "adamw_torch_fused"
+    assert config.training.lr_scheduler_kwargs == {"lr_end": 0.0, "power": 1.0}
 
 
 def test_paper_recipe_matches_the_paper(tmp_path, train_test_dir):
@@ -53,7 +58,7 @@ def test_paper_recipe_matches_the_paper(tmp_path, train_test_dir):
     assert values["metric_for_best_model"] == "dsc" and values["eval_strategy"] != "no"
     config = parse_config(
         ["--config", str(TRAINING_DIR / "configs" / "paper.yaml"), "--data", str(train_test_dir)]
-        + ["--output_dir", str(tmp_path / "out")]
+        + ["--output_dir", str(tmp_path / "out"), "--use_cpu", "true"]  # bf16 on a GPU, or on CPU when told
     )
     assert config.model.model == "facebook/sam-vit-base"
 
@@ -159,7 +164,13 @@ def test_conv_branch_batch_norm_becomes_sync_batch_norm_with_the_same_state():
         ({"eval_strategy": "no", "metric_for_best_model": "dsc"}, "metric_for_best_model needs evaluation"),
         ({"resume_from_checkpoint": "latest"}, "resume_from_checkpoint latest: no complete checkpoint in"),
         ({"lr_end": 1.0}, "lr_end must be in [0, learning_rate)"),
-        ({"report_to": "tensorbored"}, "report_to must be one of"),
+        ({"report_to": "tensorbored"}, "report_to 'tensorbored' is not a tracker"),
+        ({"optim": "adamw_typo"}, "optim must be one of"),
+        ({"report_to": "aim"}, "report_to 'aim' is not a tracker"),
+        ({"report_to": "comet_ml"}, "report_to 'comet_ml': its package is not installed"),
+        ({"deepspeed": "ds_config.json"}, "DeepSpeed was requested but is not installed"),
+        ({"fp16": True}, "fp16 needs a CUDA GPU"),
+        ({"metric_for_best_model": "dice"}, "metric_for_best_model 'dice' is not an evaluation metric"),
         ({"horizontal_flip": 2}, "horizontal_flip must be in [0, 1], got 2"),
     ],
 )
@@ -169,21 +180,33 @@ def test_config_errors_name_the_problem(tmp_path, base, change, message):
     assert message in str(error.value)
 
 
+def test_fsdp_on_a_machine_without_gpus_is_refused_before_any_work(tmp_path, base, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
+    with pytest.raises(ConfigError, match="FSDP was requested but needs CUDA GPUs"):
+        parse_config(["--config", write_yaml(tmp_path, base)])
+
+
 def test_a_wrong_command_line_type_or_unknown_option_stops_argparse(tmp_path, base, capsys):
     path = write_yaml(tmp_path, base)
     with pytest.raises(SystemExit):
         parse_config(["--config", path, "--max_steps", "ten"])
     assert "invalid int value: 'ten'" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="--bogus"):
+    with pytest.raises(ConfigError, match=r"command line: unknown option 'bogus'"):
         parse_config(["--config", path, "--bogus", "1"])
+    with pytest.raises(
+        ConfigError, match=r"unknown option 'lr_schedular_type' \(did you mean 'lr_scheduler_type'\?\)"
+    ):
+        parse_config(["--config", path, "--lr_schedular_type", "cosine"])
 
 
-def test_train_py_reports_config_errors_in_one_line_before_any_work(tmp_path, base, capsys):
+def test_train_py_reports_config_errors_in_one_line_before_any_work(tmp_path, base, capsys, monkeypatch):
     import train
 
+    monkeypatch.setattr(train, "build_model", lambda *args: pytest.fail("a model was loaded"))
     path = write_yaml(tmp_path, {**base, "max_steps": "ten"})
     assert train.main(["--config", path]) == 2
-    # Found only once the eval split is read (it holds 3D tasks alone), still before output_dir is touched.
+    assert "max_steps must be int, got 'ten'" in capsys.readouterr().err
+    # Found only once the eval split is read (it holds 3D tasks alone), still before a model or output_dir.
     path = write_yaml(tmp_path, {**base, "metric_for_best_model": "dsc_2d", "report_to": "none"})
     assert train.main(["--config", path]) == 2
     assert "metric_for_best_model 'dsc_2d' cannot be computed on eval_split 'validation'" in capsys.readouterr().err
@@ -201,15 +224,21 @@ def test_non_empty_output_dir_is_refused_unless_resumed_with_the_same_config_or_
 
     # A run of this configuration with a checkpoint: resumable, but only with the same settings.
     parse_config(["--config", path, "--overwrite_output_dir"]).save(output / CONFIG_FILE_NAME)
-    checkpoint = output / "checkpoints" / "checkpoint-3"
+    checkpoint = output / "checkpoint-3"
     checkpoint.mkdir(parents=True)
-    TrainerState(global_step=3).save(checkpoint)
+    TrainerState(global_step=3).save_to_json(str(checkpoint / "trainer_state.json"))
     with pytest.raises(ConfigError, match="resume_from_checkpoint latest to continue"):
         parse_config(["--config", path])
     config = parse_config(["--config", path, "--resume_from_checkpoint", "latest", "--logging_steps", "1"])
     assert config.training.resume_from_checkpoint == "latest"
     with pytest.raises(ConfigError, match=r"learning_rate: 0.0001 -> 0.001"):
         parse_config(["--config", path, "--resume_from_checkpoint", "latest", "--learning_rate", "1e-3"])
+    # The checkpoint of another run (an explicit folder) is checked against that run's configuration.
+    other = Path(base["output_dir"] + "-other")
+    with pytest.raises(ConfigError, match=r"belongs to a run with a different configuration \(seed: 42 -> 5"):
+        parse_config(
+            ["--config", path, "--output_dir", str(other), "--resume_from_checkpoint", str(checkpoint), "--seed", "5"]
+        )
     with pytest.raises(ConfigError, match="contradict"):
         parse_config(["--config", path, "--resume_from_checkpoint", "latest", "--overwrite_output_dir"])
 
@@ -221,8 +250,8 @@ def test_resume_from_an_explicit_folder_must_be_a_checkpoint(tmp_path, base):
 
 
 def test_a_processor_that_does_not_fit_the_model_is_refused(tmp_path):
+    from arguments import ModelArguments
     from model_setup import build_processor
-    from run_config import ModelArguments
     from transformers import SamProcessor
     from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
@@ -240,8 +269,8 @@ def test_a_model_from_random_weights_gets_metas_initialisation_and_adapters_keep
     """transformers' SAM init (std 1e-10 in the ViT) gives mask logits near 1e-6 that barely train; Meta's
     (PyTorch's default layer init, N(0, 1) position frequencies) gives O(1) logits. Adapter init is untouched."""
     import torch
+    from arguments import ModelArguments
     from model_setup import build_model
-    from run_config import ModelArguments
 
     from modeling_dbsam import DBSamConfig, DBSamModel
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import accelerate
 import datasets
 import pytest
 import torch
 import train
+import transformers
 from accelerate.state import AcceleratorState, GradientState
-from checkpointing import TrainerState, latest_checkpoint, list_checkpoints, remove_interrupted_saves
+from arguments import ModelArguments, latest_checkpoint
 from model_setup import build_model
-from run_config import ModelArguments
 from safetensors.torch import load_file
 from training_support import make_dataset, write_tiny_model_config
+from transformers import TrainerState
+from transformers.trainer_pt_utils import safe_globals
 
 from modeling_dbsam import DBSamConfig, DBSamModel
 from modeling_dbsam.data import SamBoxTransform
@@ -60,53 +61,51 @@ def final_weights(output: Path) -> dict[str, torch.Tensor]:
     return load_file(output / "model.safetensors")
 
 
+def checkpoint_names(output: Path) -> list[str]:
+    return sorted((p.name for p in output.glob("checkpoint-*")), key=lambda name: int(name.split("-")[1]))
+
+
 def test_killed_during_a_save_and_resumed_equals_an_uninterrupted_run_bitwise(tmp_path, data_dir, monkeypatch):
     # 8 examples, micro-batch 1, 2 micro-batches per step: 4 steps per epoch; dropout and drop path are on.
     common = ("--max_steps", "6", "--save_steps", "3", "--per_device_train_batch_size", "1")
     common += ("--gradient_accumulation_steps", "2")
     assert run_training(base_args(tmp_path, data_dir, "uninterrupted", *common)) == 0
 
-    original_save = accelerate.Accelerator.save_state
+    original_save = transformers.Trainer._save_rng_state
     saves = []
 
-    def dies_during_second_save(self, output_dir=None, **kwargs):
+    def dies_during_second_save(self, output_dir):
         saves.append(output_dir)
-        if len(saves) == 2:  # checkpoint-4 (epoch end): the process dies after writing part of it
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(output_dir) / "model.safetensors").write_bytes(b"truncated")
+        if len(saves) == 2:  # checkpoint-6: the process dies after writing the weights and optimizer state
             raise KeyboardInterrupt
-        return original_save(self, output_dir, **kwargs)
+        return original_save(self, output_dir)
 
-    monkeypatch.setattr(accelerate.Accelerator, "save_state", dies_during_second_save)
+    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", dies_during_second_save)
     killed = base_args(tmp_path, data_dir, "killed", *common)
     with pytest.raises(KeyboardInterrupt):
         run_training(killed)
-    checkpoints = tmp_path / "killed" / "checkpoints"
-    assert (checkpoints / ".tmp-checkpoint-4").is_dir()
-    assert latest_checkpoint(checkpoints) == checkpoints / "checkpoint-3"  # mid-epoch: 6 of 8 micro-batches done
-    monkeypatch.setattr(accelerate.Accelerator, "save_state", original_save)
+    output = tmp_path / "killed"
+    assert (output / train.STAGING_DIR / "checkpoint-6" / "model.safetensors").is_file()
+    assert checkpoint_names(output) == ["checkpoint-3"]  # mid-epoch: 6 of 8 micro-batches done
+    assert latest_checkpoint(output) == output / "checkpoint-3"
+    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", original_save)
 
+    # Every file the resume reads is safetensors or loads with weights_only=True (no pickled code runs).
+    loads, torch_load = [], torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda *a, **k: loads.append((Path(a[0]).name, k.get("weights_only"))) or torch_load(*a, **k)
+    )
     assert run_training([*killed, "--resume_from_checkpoint", "latest"]) == 0
-    assert not (checkpoints / ".tmp-checkpoint-4").exists()
-    assert TrainerState.load(checkpoints / "checkpoint-6").global_step == 6
-    expected, resumed = final_weights(tmp_path / "uninterrupted"), final_weights(tmp_path / "killed")
+    assert sorted(loads) == [("optimizer.pt", True), ("rng_state.pth", True), ("scheduler.pt", True)]
+    assert not (output / train.STAGING_DIR).exists()
+    assert TrainerState.load_from_json(str(output / "checkpoint-6" / "trainer_state.json")).global_step == 6
+    expected, resumed = final_weights(tmp_path / "uninterrupted"), final_weights(output)
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)
-    # Every file of a checkpoint loads without unpickling code: no Accelerate custom-object pickles (which it
-    # reads with weights_only=False); its RNG states need only the NumPy types Accelerate allows.
-    files = {path.name for path in (checkpoints / "checkpoint-3").iterdir()}
-    assert files == {
-        "model.safetensors",
-        "optimizer.bin",
-        "scheduler.bin",
-        "random_states_0.pkl",
-        "trainer_state.json",
-    }
-    assert torch.load(checkpoints / "checkpoint-3" / "scheduler.bin", weights_only=True)["last_epoch"] == 3
-    torch.load(checkpoints / "checkpoint-3" / "optimizer.bin", weights_only=True)
-    accelerate.utils.load(checkpoints / "checkpoint-3" / "random_states_0.pkl", weights_only=True)
-    at_step_3 = load_file(checkpoints / "checkpoint-3" / "model.safetensors")
+    at_step_3 = load_file(output / "checkpoint-3" / "model.safetensors")
     assert not torch.equal(at_step_3["mask_decoder.iou_token.weight"], expected["mask_decoder.iou_token.weight"])
+    with safe_globals():  # transformers' allow-list for the RNG states: NumPy arrays and dtypes, nothing callable
+        torch_load(output / "checkpoint-3" / "rng_state.pth", weights_only=True)
 
 
 def mean_loss(model: DBSamModel, processor, dataset: datasets.Dataset) -> float:
@@ -185,29 +184,28 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     monkeypatch.setattr(train, "bce_dice_loss", nan_at_fifth_batch)
     args = base_args(tmp_path, data_dir, "nan", "--max_steps", "8", "--save_steps", "2")
     assert run_training([*args, "--per_device_train_batch_size", "2"]) == 1
-    checkpoints = tmp_path / "nan" / "checkpoints"
+    output = tmp_path / "nan"
     message = capsys.readouterr().err
-    assert "loss is nan at step 5" in message and str(checkpoints / "checkpoint-4") in message
-    assert [p.name for p in list_checkpoints(checkpoints)] == ["checkpoint-2", "checkpoint-4"]
-    weights = load_file(checkpoints / "checkpoint-4" / "model.safetensors")
+    assert "loss is nan at step 5" in message and str(output / "checkpoint-4") in message
+    assert checkpoint_names(output) == ["checkpoint-2", "checkpoint-4"]
+    weights = load_file(output / "checkpoint-4" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert not (tmp_path / "nan" / "model.safetensors").exists()  # no model is published from a failed run
 
 
-def test_interrupted_checkpoint_writes_are_never_picked_and_rotation_keeps_the_best(tmp_path):
-    root = tmp_path / "checkpoints"
+def test_latest_is_the_newest_complete_checkpoint_and_an_interrupted_save_is_dropped(tmp_path, data_dir):
+    config = train.parse_config(base_args(tmp_path, data_dir, "out"))
+    output = tmp_path / "out"
     for step in (2, 4, 6):
-        (root / f"checkpoint-{step}").mkdir(parents=True)
-        TrainerState(global_step=step).save(root / f"checkpoint-{step}")
-    (root / "checkpoint-8").mkdir()  # no trainer_state.json: not a complete checkpoint
-    (root / ".tmp-checkpoint-9").mkdir()
-    TrainerState(global_step=9).save(root / ".tmp-checkpoint-9")  # even a temp folder with a state file
-    assert latest_checkpoint(root) == root / "checkpoint-6"
-    assert remove_interrupted_saves(root) == [root / ".tmp-checkpoint-9"]
-    from checkpointing import rotate_checkpoints
-
-    assert rotate_checkpoints(root, limit=1, keep="checkpoint-2") == [root / "checkpoint-4"]
-    assert [p.name for p in list_checkpoints(root)] == ["checkpoint-2", "checkpoint-6"]
+        (output / f"checkpoint-{step}").mkdir(parents=True)
+        TrainerState(global_step=step).save_to_json(str(output / f"checkpoint-{step}" / "trainer_state.json"))
+    (output / "checkpoint-8").mkdir()  # no trainer_state.json: not a complete checkpoint
+    (output / "checkpoint-10.bak").mkdir()
+    (output / train.STAGING_DIR / "checkpoint-9").mkdir(parents=True)  # a save that never finished
+    TrainerState(global_step=9).save_to_json(str(output / train.STAGING_DIR / "checkpoint-9" / "trainer_state.json"))
+    assert latest_checkpoint(output) == output / "checkpoint-6"
+    train.prepare_output_dir(config)  # what every run does first
+    assert not (output / train.STAGING_DIR).exists() and latest_checkpoint(output) == output / "checkpoint-6"
 
 
 def test_evaluation_picks_the_best_checkpoint_and_publishes_its_scores(tmp_path, data_dir):
@@ -216,16 +214,24 @@ def test_evaluation_picks_the_best_checkpoint_and_publishes_its_scores(tmp_path,
     args += ["--save_steps", "0", "--save_total_limit", "1", "--learning_rate", "3e-3"]
     assert run_training(args) == 0
     output = tmp_path / "evaluated"
-    state = TrainerState.load(latest_checkpoint(output / "checkpoints"))
-    assert [e["step"] for e in state.evaluations] == [2, 4, 6]
-    scores = [e["metrics"]["dsc"] for e in state.evaluations]
-    best = state.evaluations[scores.index(max(scores))]
-    assert state.best_checkpoint == f"checkpoint-{best['step']}" and state.best_metric == max(scores)
-    assert (output / "checkpoints" / state.best_checkpoint).is_dir()  # kept by rotation despite the limit of 1
+    state = TrainerState.load_from_json(str(latest_checkpoint(output) / "trainer_state.json"))
+    evaluations = [entry for entry in state.log_history if "eval_dsc" in entry]
+    assert [e["step"] for e in evaluations] == [2, 4, 6]
+    scores = [e["eval_dsc"] for e in evaluations]
+    best = evaluations[scores.index(max(scores))]
+    assert state.best_model_checkpoint == str(output / f"checkpoint-{best['step']}") and state.best_metric == max(
+        scores
+    )
+    assert Path(state.best_model_checkpoint).is_dir()  # kept by rotation despite the limit of 1
 
     published = train.json.loads((output / "eval_results.json").read_text())
-    assert published["step"] == best["step"] and published["metrics"] == best["metrics"]
-    best_weights = load_file(output / "checkpoints" / state.best_checkpoint / "model.safetensors")
+    assert published["step"] == best["step"]
+    assert {f"eval_{name}": value for name, value in published["metrics"].items()} == {
+        name: value for name, value in best.items() if name.startswith("eval_")
+    }
+    card = (output / "README.md").read_text()
+    assert f"Published weights: step {best['step']}" in card and f"| {max(scores):.4f} |" in card
+    best_weights = load_file(Path(state.best_model_checkpoint) / "model.safetensors")
     saved = final_weights(output)
     assert all(torch.equal(saved[name], best_weights[name]) for name in best_weights)
 
@@ -241,3 +247,25 @@ def test_evaluation_picks_the_best_checkpoint_and_publishes_its_scores(tmp_path,
     )
     assert results["averages"] == published["averages"]
     assert results["tasks"] == published["tasks"]
+
+
+def test_gradient_layouts_differ_from_their_parameters_only_on_size_one_dimensions():
+    """train.py silences DDP's "Grad strides do not match bucket view strides": harmless only while every such
+    difference is the stride of a size-1 dimension (the depthwise kernels), which changes no memory layout."""
+    from tiny import tiny_sam_config_dict
+
+    from modeling_dbsam import DBSamConfig
+
+    model = DBSamModel(DBSamConfig(**tiny_sam_config_dict()))
+    model.freeze_for_training()
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32), "input_boxes": torch.tensor([[[2.0, 3, 20, 25]]] * 2)}
+    model.train()(**inputs, multimask_output=False).pred_masks.sum().backward()
+    differing = {
+        name: [d for d, (a, b) in enumerate(zip(p.stride(), p.grad.stride())) if a != b]
+        for name, p in model.named_parameters()
+        if p.grad is not None and p.grad.stride() != p.stride()
+    }
+    assert differing, "the warning's cause is gone: remove the filter in train.setup_logging"
+    for name, dimensions in differing.items():
+        shape = dict(model.named_parameters())[name].shape
+        assert all(shape[d] == 1 for d in dimensions), (name, shape, dimensions)

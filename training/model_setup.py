@@ -1,4 +1,4 @@
-"""The model, processor, optimizer and learning-rate schedule of a run."""
+"""The model and processor of a run."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-from run_config import ModelArguments, TrainingArguments
-from transformers import AutoProcessor, SamProcessor, get_polynomial_decay_schedule_with_warmup
+from arguments import ModelArguments
+from transformers import AutoProcessor, SamProcessor
 
 from modeling_dbsam import DBSamConfig, DBSamModel
 from modeling_dbsam.convert import build_sam_processor, pixel_statistics
@@ -85,25 +85,3 @@ def build_processor(args: ModelArguments, config: DBSamConfig, data_dir: str | N
     if preprocessing is not None:
         set_dataset_preprocessing(processor, preprocessing)
     return processor
-
-
-def build_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; biases and normalisation weights (1-D) are not decayed."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
-    )
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, args: TrainingArguments, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then polynomial decay to ``lr_end`` at ``total_steps`` (stepped once per optimizer step)."""
-    warmup = args.warmup_steps if args.warmup_steps > 0 else int(args.warmup_ratio * total_steps)
-    return get_polynomial_decay_schedule_with_warmup(
-        optimizer, warmup, total_steps, lr_end=args.lr_end, power=args.lr_power
-    )

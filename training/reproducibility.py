@@ -7,7 +7,7 @@ micro-batch. Neither depends on how many batches were drawn before, which is wha
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,15 +29,18 @@ class EpochShuffleSampler(Sampler[int]):
 
     Accelerate shards the batches of this order across processes and calls ``set_epoch`` before each
     epoch (``DataLoaderShard.set_epoch``), so every process agrees on the order without communicating.
+    ``on_epoch`` (the box transform's ``set_epoch``) follows it, before the epoch's loader workers start.
     """
 
-    def __init__(self, num_examples: int, seed: int):
+    def __init__(self, num_examples: int, seed: int, on_epoch: Callable[[int], None] | None = None):
         if num_examples < 1:
             raise ValueError(f"cannot shuffle an empty dataset (num_examples={num_examples})")
-        self.num_examples, self.seed, self.epoch = num_examples, seed, 0
+        self.num_examples, self.seed, self.epoch, self.on_epoch = num_examples, seed, 0, on_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.on_epoch is not None:
+            self.on_epoch(epoch)
 
     def order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)

@@ -7,6 +7,7 @@ seconds, not a model load.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ VOLUME_OUTPUTS = (".nii", ".nii.gz", ".nrrd", ".mha")
 IMAGE_OUTPUTS = (".png", *VOLUME_OUTPUTS)
 DICOM_SEG_OUTPUT = ".dcm"
 DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+BACKENDS = ("pytorch", "onnx")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         help="folder of a saved DB-SAM (or SAM) model with its processor (default: the small demonstration "
         "DB-SAM shipped with the package, fine-tuned on brain MR)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="pytorch",
+        help="pytorch (default), or onnx: --model is a folder written by conversion/export_onnx.py, run on "
+        "ONNX Runtime on the CPU",
     )
     parser.add_argument(
         "--box",
@@ -132,6 +141,21 @@ def default_model() -> str:
     return str(folder)
 
 
+def check_onnx_arguments(args: argparse.Namespace) -> None:
+    """An exported folder with its preprocessing, run in fp32 on the CPU (what ONNX Runtime's CPU backend does)."""
+    from modeling_dbsam.onnx_runtime import ENCODER_FILE, read_preprocessing
+
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model}: no such folder")
+    if not os.path.isfile(os.path.join(args.model, ENCODER_FILE)):
+        raise FileNotFoundError(
+            f"--model {args.model}: no {ENCODER_FILE}; --backend onnx runs a folder written by conversion/export_onnx.py"
+        )
+    read_preprocessing(args.model)
+    if args.device != "cpu" or args.dtype != "fp32":
+        raise ValueError(f"--backend onnx runs in fp32 on the CPU; got --device {args.device} --dtype {args.dtype}")
+
+
 def check_device(device: str) -> None:
     import torch
 
@@ -184,9 +208,14 @@ def check_request(args: argparse.Namespace) -> Request:
             (args.input, args.output),
         )
     if args.model is None:
+        if args.backend == "onnx":
+            raise ValueError("--backend onnx needs --model: a folder written by conversion/export_onnx.py")
         args.model = default_model()
-    check_model_folder(args.model)
-    check_device(args.device)
+    if args.backend == "onnx":
+        check_onnx_arguments(args)
+    else:
+        check_model_folder(args.model)
+        check_device(args.device)
 
     if path_suffix(args.output) == DICOM_SEG_OUTPUT:
         check_dicom_seg_input(args.input)
@@ -274,8 +303,13 @@ def check_dicom_seg_input(path: str) -> None:
         raise ValueError(f"--output {DICOM_SEG_OUTPUT} (DICOM-SEG): {error}") from None
 
 
-def load_model_and_processor(folder: str, device: str):
-    """The saved model (DB-SAM or SAM, through the auto classes) in eval mode, and its processor."""
+def load_model_and_processor(folder: str, device: str, backend: str = "pytorch"):
+    """The saved model (DB-SAM or SAM, through the auto classes) in eval mode, and its processor; with
+    ``backend="onnx"`` the exported model on ONNX Runtime and the processor its preprocessing.json describes."""
+    if backend == "onnx":
+        from modeling_dbsam.onnx_runtime import load_onnx_model
+
+        return load_onnx_model(folder)
     from modeling_dbsam.model_folder import load_model
     from modeling_dbsam.processing import load_processor
 
@@ -308,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
     note = non_finite_note(request.array)
     if note:
         print(f"note: {args.input}: {note}", file=sys.stderr)
-    model, processor = load_model_and_processor(args.model, args.device)
+    model, processor = load_model_and_processor(args.model, args.device, args.backend)
     intensity = request.intensity or get_intensity_config(processor)
     if intensity.modality is None and request.array.dtype != np.uint8:
         print(

@@ -1,0 +1,358 @@
+"""The run's configuration: transformers' ``TrainingArguments`` plus the project's model and data fields.
+
+``HfArgumentParser`` reads them from a ``--config`` YAML file (defaults) and the command line (overrides).
+Everything is checked before a model or dataset is loaded; each problem is one ``ConfigError`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from periodic_eval import SUMMARY_METRICS, is_metric_name
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
+
+CONFIG_FILE_NAME = "training_config.yaml"  # the resolved configuration, saved in output_dir
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Fields a resumed run may change: they do not change what is computed.
+RUN_CONTROL_FIELDS = frozenset(
+    "resume_from_checkpoint overwrite_output_dir logging_steps logging_first_step report_to disable_tqdm use_cpu "  # noqa: SIM905
+    "dataloader_num_workers dataloader_pin_memory save_total_limit save_steps per_device_eval_batch_size run_name "
+    "eval_accumulation_steps push_to_hub hub_model_id hub_strategy hub_private_repo hub_token output_dir".split()
+)
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before training starts."""
+
+
+def option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train. Adapter fields left unset keep the checkpoint's (or DBSamConfig's) value."""
+
+    model: str | None = option(None, "SAM, MedSAM or DB-SAM checkpoint: a folder or a Hub id (facebook/sam-vit-base).")
+    model_config: str | None = option(None, "A DBSamConfig/SamConfig JSON file: a randomly initialised model.")
+    processor: str | None = option(None, "SamProcessor folder; defaults to --model's, or one fitting --model_config.")
+    adapter_variant: Literal["paper", "authors"] | None = option(None, "Adapters as the paper or the authors' code.")
+    use_channel_attention: bool | None = option(None, "Channel attention blocks (Eq. 1).")
+    use_conv_branch: bool | None = option(None, "Conv branch + bilateral cross-attention.")
+    use_fusion: bool | None = option(None, "ViT-Conv fusion (Eq. 2).")
+    adapter_dropout: float | None = option(None, "Dropout in the adapters (paper: 0.4).")
+    adapter_drop_path_rate: float | None = option(None, "Drop path on adapters (paper: 0.4).")
+    adapter_init: Literal["paper", "identity"] | None = option(None, "Adapter initialisation.")
+    train_neck: bool | None = option(None, "Train SAM's neck too (the authors do).")
+
+    def config_overrides(self) -> dict[str, Any]:
+        """The adapter fields that were set, as DBSamConfig keyword arguments."""
+        names = [f.name for f in dataclasses.fields(self)][3:]  # after model, model_config, processor
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+@dataclass
+class DataArguments:
+    """The dataset: a ``DatasetDict`` folder written by ``save_to_disk`` (``modeling_dbsam.data`` schema)."""
+
+    data: str | None = option(None, "Dataset folder written by DatasetDict.save_to_disk.")
+    train_split: str = option("train", "Split to train on.")
+    eval_split: str = option("validation", "Split that evaluation during training (model selection) reads; not test.")
+    validation_fraction: float = option(0.0, "If > 0: carve this fraction of train_split's cases as 'validation'.")
+    validation_seed: int = option(0, "Seed of the case-level validation carve.")
+    max_box_shift: int = option(20, "Box jitter: each side moves out by randint(0, max_box_shift) px at 256 px.")
+    horizontal_flip: float = option(0.0, "Probability of mirroring a training example (the paper uses none).")
+    eval_protocol: Literal["paper", "physical"] = option("paper", "Evaluation protocol.")
+
+
+@dataclass
+class DBSamTrainingArguments(TrainingArguments):
+    """transformers' ``TrainingArguments`` with the paper's recipe as defaults, and a few compatibility fields."""
+
+    output_dir: str | None = option(None, "Where the trained model and checkpoints go.")
+    overwrite_output_dir: bool = option(False, "Start over in a non-empty output_dir (its checkpoints are deleted).")
+    resume_from_checkpoint: str | None = option(None, "'latest' (newest complete checkpoint) or a checkpoint folder.")
+    num_train_epochs: float = option(12, "Epochs (paper: 12).")
+    per_device_train_batch_size: int = option(4, "Images per process per micro-batch.")
+    learning_rate: float = option(1e-4, "Peak learning rate (paper: 1e-4).")
+    weight_decay: float = option(0.01, "Weight decay, not on biases and norms (paper: 0.01).")
+    lr_scheduler_type: SchedulerType | str = option("polynomial", "transformers' scheduler name.")
+    lr_end: float = option(0.0, "polynomial: learning rate at the end of the decay.")
+    lr_power: float = option(1.0, "polynomial: power of the decay.")
+    warmup_ratio: float = option(0.0, "Warmup as a fraction of all steps (where warmup_steps is 0).")
+    eval_strategy: IntervalStrategy | str = option("epoch", "When to evaluate on eval_split: no, steps, epoch.")
+    logging_steps: float = option(10, "Log loss, lr and grad norm every N steps.")
+    report_to: None | str | list[str] = option("tensorboard", "Trackers (comma-separated), all or none.")
+    save_total_limit: int | None = option(3, "Keep the last K checkpoints (and the best).")
+    save_steps: float = option(500, "Checkpoint every N steps; 0: at every epoch end.")
+    disable_tqdm: bool = option(False, "No progress bars.")
+    remove_unused_columns: bool = option(False, "Must stay false: the box transform reads every column.")
+    ddp_find_unused_parameters: bool | None = option(False, "Every trainable part gets a gradient.")
+    sync_batch_norm: bool | None = option(None, "SyncBatchNorm in the conv branch; default: on with >1 GPU process.")
+    dataloader_pin_memory: bool = option(torch.cuda.is_available(), "Pinned host memory for the batches.")
+
+    def __post_init__(self):
+        if self.lr_scheduler_type == "polynomial" and not self.lr_scheduler_kwargs:
+            self.lr_scheduler_kwargs = {"lr_end": self.lr_end, "power": self.lr_power}
+        if self.warmup_ratio and not self.warmup_steps:
+            self.warmup_steps = self.warmup_ratio  # transformers 5 reads warmup_steps < 1 as a ratio
+        if self.save_steps == 0 and self.save_strategy == SaveStrategy.STEPS:
+            self.save_strategy = SaveStrategy.EPOCH
+        _check(self.eval_strategy != IntervalStrategy.STEPS or self.eval_steps, "eval_strategy steps needs eval_steps")
+        super().__post_init__()
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, DBSamTrainingArguments)
+
+
+@dataclass
+class RunConfig:
+    model: ModelArguments
+    data: DataArguments
+    training: DBSamTrainingArguments
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, flat, JSON types."""
+        values = {**dataclasses.asdict(self.model), **dataclasses.asdict(self.data), **self.training.to_dict()}
+        return json.loads(json.dumps(values, default=str))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _coerce(action: argparse.Action, value: Any) -> Any:
+    """A YAML value as the command line's ``action`` would have parsed it, or a ConfigError naming the field."""
+    name, kind = action.dest, action.type
+    if value is None or isinstance(value, dict):
+        return value
+    if action.choices is not None:
+        if str(value) in [str(choice) for choice in action.choices]:
+            return kind(str(value)) if kind else value
+        choices = ", ".join(repr(str(choice)) for choice in action.choices)
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+    if kind is string_to_bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be bool, got {value!r} ({type(value).__name__})")
+    if kind in (int, float) and not isinstance(value, bool) and not (kind is int and isinstance(value, float)):
+        try:
+            return kind(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
+    elif kind not in (int, float):
+        return kind(value) if kind is not None and isinstance(value, str) else value
+    raise ConfigError(f"{name} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown(names: list[str], known: list[str], where: str) -> ConfigError:
+    hints = [
+        f"{name!r} (did you mean {close[0]!r}?)"
+        if (close := difflib.get_close_matches(name, known, n=1))
+        else repr(name)
+        for name in names
+    ]
+    return ConfigError(f"{where}unknown option {'; '.join(hints)}")
+
+
+def load_yaml_config(path: str | Path, parser: HfArgumentParser) -> dict[str, Any]:
+    """Read a YAML config: a mapping of known option names to values of the right type."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(values, dict | None):
+        raise ConfigError(f"{path}: expected a mapping of option names to values, got {type(values).__name__}")
+    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    if unknown := [key for key in values or {} if key not in actions]:
+        raise _unknown(unknown, list(actions), f"{path}: ")
+    try:
+        return {key: _coerce(actions[key], value) for key, value in (values or {}).items()}
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    """Parse ``--config`` YAML and command-line overrides into a validated RunConfig."""
+    parser = HfArgumentParser(ARGUMENT_CLASSES, description="Train DB-SAM (or the decoder-only baseline).")
+    parser.add_argument("--config", help="YAML file of options; command-line options override it.")
+    known, _ = parser.parse_known_args(argv)
+    if known.config is not None:
+        parser.set_defaults(**load_yaml_config(known.config, parser))
+    namespace, remaining = parser.parse_known_args(argv)
+    if remaining:
+        options = [item.lstrip("-") for item in remaining if item.startswith("--")] or remaining
+        raise _unknown(options, [a.dest for a in parser._actions], "command line: ")
+    check_engines(namespace)
+    values = vars(namespace)
+    try:
+        config = RunConfig(
+            *(cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}) for cls in ARGUMENT_CLASSES)
+        )
+    except (ValueError, ImportError) as error:  # TrainingArguments' own checks
+        raise ConfigError(str(error).strip().splitlines()[0]) from None
+    validate(config)
+    return config
+
+
+def check_engines(options: argparse.Namespace) -> None:
+    """Precision flags and distributed engines that cannot work here, before TrainingArguments sets them up."""
+    _check(not (options.bf16 and options.fp16), "choose one of bf16 and fp16")
+    deepspeed = options.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if deepspeed:
+        _check(importlib.util.find_spec("deepspeed") is not None, "DeepSpeed was requested but is not installed")
+        _check(torch.cuda.is_available(), "DeepSpeed was requested but needs CUDA GPUs, and none is visible")
+    fsdp = options.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if fsdp:
+        _check(not deepspeed, "choose one of FSDP and DeepSpeed")
+        _check(torch.cuda.is_available(), "FSDP was requested but needs CUDA GPUs: on CPU, Accelerate runs DDP only")
+    if options.fp16 and not torch.cuda.is_available():
+        raise ConfigError("fp16 needs a CUDA GPU (loss scaling); on this machine use bf16 or full precision")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _dataset_splits(path: Path) -> list[str]:
+    """Split names of a ``DatasetDict.save_to_disk`` folder, read from its index without loading data."""
+    index = path / "dataset_dict.json"
+    if not index.is_file():
+        hint = " (a single Dataset, not a DatasetDict)" if (path / "dataset_info.json").is_file() else ""
+        raise ConfigError(f"data {path}: not a DatasetDict folder written by save_to_disk{hint}: no dataset_dict.json")
+    return list(json.loads(index.read_text(encoding="utf-8"))["splits"])
+
+
+def validate(config: RunConfig) -> None:
+    """Every check that needs no model and no data loading, so mistakes surface in a second."""
+    model, data, train = config.model, config.data, config.training
+    _check((model.model is None) != (model.model_config is None), "give exactly one of model and model_config")
+    if model.model_config is not None:
+        _check(Path(model.model_config).is_file(), f"model_config {model.model_config}: no such file")
+    if model.processor is not None:
+        _check(Path(model.processor).is_dir(), f"processor {model.processor}: no such folder")
+    for name in ("adapter_dropout", "adapter_drop_path_rate"):
+        value = getattr(model, name)
+        _check(value is None or 0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
+
+    _check(data.data is not None, "data is required: a DatasetDict folder written by save_to_disk")
+    data_path = Path(data.data)
+    _check(data_path.is_dir(), f"data {data_path}: no such folder")
+    splits = _dataset_splits(data_path)
+    _check(data.train_split in splits, f"train_split {data.train_split!r} not in {data_path} (splits: {splits})")
+    fraction = data.validation_fraction
+    _check(0.0 <= fraction < 1.0, f"validation_fraction must be in [0, 1), got {fraction}")
+    if fraction > 0:
+        _check(
+            data.eval_split == "validation",
+            f"validation_fraction carves the split named 'validation'; set eval_split: validation, not {data.eval_split!r}",
+        )
+        _check(
+            "validation" not in splits, f"data {data_path} has its own validation split: set validation_fraction: 0"
+        )
+    evaluates = train.eval_strategy != IntervalStrategy.NO
+    if evaluates:
+        _check(
+            data.eval_split != "test",
+            "eval_split 'test': evaluation during training selects the model, so it must not read the test split; "
+            "evaluate on a validation split (the dataset's, or validation_fraction: 0.1 to carve one from "
+            "train_split by case) and score the test split once with `dbsam evaluate` after training",
+        )
+        _check(
+            data.eval_split in splits or fraction > 0,
+            f"eval_split {data.eval_split!r} not in {data_path} (splits: {splits}); set validation_fraction "
+            "(e.g. 0.1) to carve a validation split from train_split by case, or eval_strategy: no",
+        )
+    _check(data.max_box_shift >= 0, f"max_box_shift must be >= 0, got {data.max_box_shift}")
+    _check(0.0 <= data.horizontal_flip <= 1.0, f"horizontal_flip must be in [0, 1], got {data.horizontal_flip}")
+
+    _check(train.output_dir is not None, "output_dir is required")
+    _check(train.learning_rate > 0, f"learning_rate must be > 0, got {train.learning_rate}")
+    _check(0 <= train.lr_end < train.learning_rate, f"lr_end must be in [0, learning_rate), got {train.lr_end}")
+    _check(train.lr_power > 0, f"lr_power must be > 0, got {train.lr_power}")
+    _check(0 <= train.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {train.warmup_ratio}")
+    trackers = sorted(INTEGRATION_TO_CALLBACK)
+    for name in set(train.report_to) - {"none", "all"}:
+        _check(name in trackers, f"report_to {name!r} is not a tracker: use {', '.join(trackers)}, all or none")
+        _check(name in get_available_reporting_integrations(), f"report_to {name!r}: its package is not installed")
+    _check(not train.dataloader_persistent_workers, "dataloader_persistent_workers would freeze the box jitter")
+    if train.metric_for_best_model is not None:
+        _check(evaluates, "metric_for_best_model needs evaluation: set eval_strategy steps or epoch")
+        name = train.metric_for_best_model.removeprefix("eval_")
+        _check(
+            is_metric_name(name),
+            f"metric_for_best_model {name!r} is not an evaluation metric: use one of "
+            f"{', '.join(SUMMARY_METRICS)} or dsc/<task>, nsd/<task>",
+        )
+    _check(
+        not (train.overwrite_output_dir and train.resume_from_checkpoint),
+        "overwrite_output_dir and resume_from_checkpoint contradict each other: choose one",
+    )
+    validate_output_dir(config)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (a ``checkpoint-<step>`` folder with its ``trainer_state.json``)."""
+    root = Path(output_dir)
+    found = [p for p in root.glob("checkpoint-*") if CHECKPOINT.match(p.name) and (p / "trainer_state.json").is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | Path) -> Path:
+    """``latest`` (the newest complete checkpoint in ``output_dir``) or an explicit checkpoint folder."""
+    if resume_from_checkpoint == "latest":
+        _check(
+            (found := latest_checkpoint(output_dir)) is not None,
+            f"resume_from_checkpoint latest: no complete checkpoint in {output_dir}",
+        )
+        return found
+    folder = Path(resume_from_checkpoint)
+    _check((folder / "trainer_state.json").is_file(), f"{folder}: not a training checkpoint (no trainer_state.json)")
+    return folder
+
+
+def validate_output_dir(config: RunConfig) -> None:
+    """Refuse a non-empty output_dir unless this run resumes it with the same configuration, or may overwrite it;
+    refuse a checkpoint of a run with another configuration."""
+    train = config.training
+    output_dir, resume = Path(train.output_dir), train.resume_from_checkpoint
+    _check(not output_dir.exists() or output_dir.is_dir(), f"output_dir {output_dir}: exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not train.overwrite_output_dir and resume is None:
+        what = "a training run" if (output_dir / CONFIG_FILE_NAME).is_file() else "files"
+        raise ConfigError(
+            f"output_dir {output_dir} already holds {what}: pass --resume_from_checkpoint latest to continue it, "
+            "--overwrite_output_dir to start over, or choose another output_dir"
+        )
+    if resume is None:
+        return
+    checkpoint = resolve_checkpoint(resume, output_dir)
+    saved_path = checkpoint.parent / CONFIG_FILE_NAME
+    _check(saved_path.is_file(), f"{checkpoint.parent} holds no {CONFIG_FILE_NAME}: it is not a run to resume")
+    saved, current = yaml.safe_load(saved_path.read_text(encoding="utf-8")), config.to_dict()
+    changed = [
+        f"{k}: {saved.get(k)!r} -> {v!r}"
+        for k, v in current.items()
+        if k not in RUN_CONTROL_FIELDS and saved.get(k) != v
+    ]
+    _check(
+        not changed,
+        f"{checkpoint} belongs to a run with a different configuration ({'; '.join(changed)}); resuming needs the "
+        "same settings, or use --overwrite_output_dir / another output_dir",
+    )
