@@ -181,7 +181,7 @@ def test_segment_cli_onnx_equals_pytorch(exported, tmp_path):
     for source, box in ((png, f"{x0},{y0},{x1},{y1}"), (volume, f"{x0},{y0},0,{x1},{y1},2")):
         outputs = {}
         for backend, folder in (("pytorch", model_dir), ("onnx", onnx_dir)):
-            outputs[backend] = tmp_path / f"{backend}{''.join(source.suffixes)}"
+            outputs[backend] = tmp_path / f"{source.stem.split('.')[0]}-{backend}{''.join(source.suffixes)}"
             argv = ["segment", str(source), "--model", folder, "--box", box, "--output", str(outputs[backend])]
             assert main([*argv, "--backend", backend]) == 0
         masks = [sitk.GetArrayFromImage(sitk.ReadImage(str(path))) for path in outputs.values()]
