@@ -86,7 +86,8 @@ def train_command(args: argparse.Namespace, switches: dict, seed: int, output_di
         "eval_protocol": "paper",
         "metric_for_best_model": "dsc",
         "load_best_model_at_end": True,
-        "save_steps": 0,
+        "save_strategy": "steps",  # checkpoint where it evaluates, so the best one is loaded at the end
+        "save_steps": args.eval_steps,
         "save_total_limit": 1,
         "logging_steps": 20,
         "report_to": "none",
