@@ -141,6 +141,21 @@ class _Example:
     pred: np.ndarray
 
 
+def _example(meta: dict, row: int, gt: np.ndarray, pred: np.ndarray) -> _Example:
+    """The example of dataset row ``row`` (columns in ``meta``) with its grid masks."""
+    spacing = meta["spacing"][row]
+    return _Example(
+        task=meta["task"][row],
+        modality=meta["modality"][row],
+        dimension=meta["dimension"][row],
+        label=int(meta["label"][row]),
+        slice_index=int(meta["slice_index"][row]),
+        spacing=None if spacing is None else tuple(float(s) for s in spacing),
+        gt=gt,
+        pred=pred,
+    )
+
+
 def _object_spacing(examples: list[_Example], protocol: Protocol, ndim: int, case_id: str) -> tuple:
     """Spacing in array axis order and its unit; pixels when the data has none."""
     if not protocol.physical_spacing:
@@ -338,17 +353,7 @@ def _predict_chunk(model, processor, dataset, meta, chunk, protocol, batch_size,
             gt = _mask_to_grid(np.asarray(next(mask_iter)), protocol.resolution)
             if gt.shape != grid_image.shape[:2]:
                 raise ValueError(f"row {row}: mask shape {gt.shape} does not match its image {grid_image.shape[:2]}")
-            spacing = meta["spacing"][row]
-            examples[row] = _Example(
-                task=meta["task"][row],
-                modality=meta["modality"][row],
-                dimension=meta["dimension"][row],
-                label=int(meta["label"][row]),
-                slice_index=int(meta["slice_index"][row]),
-                spacing=None if spacing is None else tuple(float(s) for s in spacing),
-                gt=gt,
-                pred=np.zeros_like(gt),
-            )
+            examples[row] = _example(meta, row, gt, np.zeros_like(gt))
             if gt.any():  # a mask can vanish when resized to the grid: nothing to prompt, nothing predicted
                 boxes.append(box_prompt(gt, fixed_shift=protocol.box_shift, resolution=protocol.box_resolution))
                 boxed_rows.append(row)
@@ -407,19 +412,7 @@ def box_filling_cases(dataset, protocol: Protocol) -> list[CaseResult]:
                     box_prompt(gt, fixed_shift=protocol.box_shift, resolution=protocol.box_resolution)
                 ).astype(int)
                 filled[y0 : y1 + 1, x0 : x1 + 1] = True
-            spacing = meta["spacing"][row]
-            examples.append(
-                _Example(
-                    task=meta["task"][row],
-                    modality=meta["modality"][row],
-                    dimension=meta["dimension"][row],
-                    label=int(meta["label"][row]),
-                    slice_index=int(meta["slice_index"][row]),
-                    spacing=None if spacing is None else tuple(float(s) for s in spacing),
-                    gt=gt,
-                    pred=filled,
-                )
-            )
+            examples.append(_example(meta, row, gt, filled))
         results.append(score_case(case.case_id, examples, protocol))
     return results
 
