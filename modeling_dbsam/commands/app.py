@@ -25,14 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_folder(given: str | None) -> str:
-    """``--model``, or the project's default model when it ships one."""
-    if given is not None:
-        return given
-    try:
-        from modeling_dbsam.pretrained import default_model_folder
-    except ImportError:
-        raise ValueError("no default model shipped with this version; pass --model FOLDER") from None
-    return str(default_model_folder())
+    """``--model``, or the shipped demonstration model, announced as ``dbsam segment`` announces it."""
+    from modeling_dbsam.commands.segment import default_model
+
+    return given if given is not None else default_model()
 
 
 def free_port(host: str) -> int:
