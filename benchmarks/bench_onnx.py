@@ -36,8 +36,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "conversion"))
+sys.path.insert(0, str(ROOT / "tests"))  # the weight scrambling is shared with the tests
 
 import export_onnx  # noqa: E402  (a script folder, not a package)
+from tiny import scramble_weights  # noqa: E402
 
 from modeling_dbsam import DBSamConfig, DBSamModel  # noqa: E402
 from modeling_dbsam.metrics import dice_score  # noqa: E402
@@ -51,15 +53,7 @@ LOGIT_TOLERANCE = 1e-4
 def random_vit_b(image_size: int) -> DBSamModel:
     """DB-SAM at the ViT-B config with fan-in-scaled random weights, so that masks are not constant."""
     config = DBSamConfig(vision_config={"image_size": image_size}, prompt_encoder_config={"image_size": image_size})
-    model = DBSamModel(config).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.ndim > 1:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter[0].numel() ** 0.5)
-            elif "norm" not in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return model
+    return scramble_weights(DBSamModel(config).eval())
 
 
 def save_model(folder: Path, image_size: int) -> None:

@@ -61,7 +61,11 @@ def tiny_processor() -> SamProcessor:
 
 def scrambled_tiny_dbsam(seed: int = 0) -> DBSamModel:
     """A tiny DB-SAM with fan-in-scaled random weights: fresh SAM weights give constant masks, useless for parity."""
-    model = DBSamModel(DBSamConfig(**tiny_sam_config_dict())).eval()
+    return scramble_weights(DBSamModel(DBSamConfig(**tiny_sam_config_dict())).eval(), seed)
+
+
+def scramble_weights(model: DBSamModel, seed: int = 0) -> DBSamModel:
+    """Fan-in-scaled random weights in place (norms keep theirs), so that masks vary with the input."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
