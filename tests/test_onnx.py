@@ -189,12 +189,22 @@ def test_segment_cli_onnx_equals_pytorch(exported, tmp_path):
         np.testing.assert_array_equal(masks[1], masks[0])
 
 
+def weight_products(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The float MatMul and Gemm nodes whose second input is a stored weight."""
+    weights = {tensor.name for tensor in model.graph.initializer}
+    return [node for node in model.graph.node if node.op_type in ("MatMul", "Gemm") and node.input[1] in weights]
+
+
 def test_int8_quantization_reports_dice_and_refuses_broken_parity(exported, tmp_path, monkeypatch):
     model_dir, fp32_dir = exported
     report = export_onnx.export(model_dir, str(tmp_path / "int8"), quantize="int8")
     assert 0.9 <= report["int8_dice_vs_fp32"] <= 1.0
     quantized = onnx.load(str(tmp_path / "int8" / ENCODER_FILE))
-    assert "MatMulInteger" in {node.op_type for node in quantized.graph.node}
+    fp32 = onnx.load(str(Path(fp32_dir) / ENCODER_FILE))
+    # Every product with a weight is quantized, and only those: attention's products of activations stay fp32.
+    assert weight_products(quantized) == []
+    assert len(weight_products(fp32)) == sum(node.op_type == "MatMulInteger" for node in quantized.graph.node) > 0
+    assert {"MatMul"} <= {node.op_type for node in quantized.graph.node}
     assert (tmp_path / "int8" / ENCODER_FILE).stat().st_size < (Path(fp32_dir) / ENCODER_FILE).stat().st_size
     settings = json.loads((tmp_path / "int8" / PREPROCESSING_FILE).read_text())
     assert settings["provenance"]["quantization"] == "int8"
