@@ -226,9 +226,10 @@ def quantize_encoder(fp32_path: str, int8_path: str) -> None:
     """ONNX Runtime's dynamic int8 quantization of the encoder's linear layers (MatMul and Gemm weights).
 
     Only products with a constant weight are quantized: attention's query-key and probability-value products
-    stay fp32 (uint8 probabilities would lose most of a 4096-token softmax). Weights are int8 and activations
-    uint8, quantized per run: ONNX Runtime fuses each into one ``DynamicQuantizeMatMul``, whose u8 x s8
-    product runs on the CPU's VNNI or AMX int8 instructions where it has them.
+    stay fp32 (uint8 probabilities would lose most of a 4096-token softmax). Weights are int8 with a scale per
+    output channel, activations uint8 with one scale per run: ONNX Runtime fuses each product into one
+    ``DynamicQuantizeMatMul``, whose u8 x s8 product runs on the CPU's VNNI or AMX int8 instructions where it
+    has them (with uint8 weights the ViT-B encoder took 1.7 times as long).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -236,6 +237,7 @@ def quantize_encoder(fp32_path: str, int8_path: str) -> None:
         fp32_path,
         int8_path,
         op_types_to_quantize=["MatMul", "Gemm"],
+        per_channel=True,
         weight_type=QuantType.QInt8,
         extra_options={"MatMulConstBOnly": True},
     )

@@ -149,8 +149,8 @@ class OnnxSamModel:
             ) from None
         options = onnxruntime.SessionOptions()
         # The arena keeps the activations' memory from one image to the next: without it every run maps it
-        # afresh from the system, about 850 000 page faults (1 s of system time) per ViT-B image at 1024 px.
-        # The memory pattern would plan all activations as one block: 6.8 GB at that size instead of 3.8 GB.
+        # afresh, about 850 000 page faults (1 s of system time) per ViT-B image at 1024 px, for the same
+        # peak (4.2 GB). The memory pattern, planning all activations as one block, would raise it to 7.5 GB.
         options.enable_mem_pattern = False
         # Threads that wait sleep instead of spinning, which would take the CPU from other threads and
         # processes; each operator of the encoder runs for milliseconds, so waking them costs little.
