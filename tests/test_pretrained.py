@@ -10,7 +10,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-import torch
 from transformers import AutoModelForMaskGeneration, SamModel
 
 import modeling_dbsam.pretrained as pretrained
@@ -27,12 +26,7 @@ SMALL_SAM_SCENE_FLOOR = 0.6  # measured 0.746 on these 12 scenes, 0.714 on 200 (
 DBSAM_BRAIN_FLOOR = 0.6  # measured 0.721 on these 20 test slices (model card: test-split DSC 70.4 %)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def mean_dice(model, processor, images, masks) -> float:
