@@ -81,7 +81,6 @@ def measure_loop(loop: str, steps: int, warmup: int) -> dict:
     sys.path.insert(0, str(root / "training"))
     import torch
     import train
-    from reproducibility import derive_seed
     from transformers import TrainerCallback
 
     argv = [
@@ -128,7 +127,7 @@ def measure_loop(loop: str, steps: int, warmup: int) -> dict:
         timer = StepTimer()
         for step, batch in zip(range(warmup + steps), loader):
             timer.on_step_begin(None, None, None)
-            torch.manual_seed(derive_seed(0, step, 0))
+            torch.manual_seed(train.derive_seed(0, step, 0))
             pixel_values = trainer.pixels.normalize(batch["pixel_values"], batch["reshaped_input_sizes"])
             outputs = model(pixel_values=pixel_values, input_boxes=batch["input_boxes"], multimask_output=False)
             losses = bce_dice_loss(outputs.pred_masks[:, :, 0], batch["labels"])

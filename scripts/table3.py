@@ -76,7 +76,7 @@ def train_command(args: argparse.Namespace, switches: dict, seed: int, output_di
         "per_device_train_batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "weight_decay": 0.01,
-        "warmup_ratio": 0.05,
+        "warmup_steps": 0.05,
         "max_box_shift": 20,
         "adapter_dropout": args.adapter_dropout,
         "adapter_drop_path_rate": args.adapter_dropout,
