@@ -350,6 +350,7 @@ def bad_input_cases(tmp_path, model_dir):
         ([str(two_channel), *model, "--box", "1,1,9,9", "--output", out], "2 channels"),
         ([str(broken), *model, "--box", "1,1,0,5,5,1", "--output", out], "broken.nii.gz: corrupt or truncated gzip data"),
         ([str(tmp_path / "missing.nii.gz"), *model, "--box", "1,1,0,5,5,1", "--output", out], "no such file"),
+        ([str(tmp_path / "missing.nii.gz"), "--box", "1,1,0,5,5,1", "--output", out], "no such file"),  # default model
         ([str(scan), "--model", str(no_processor), "--box", "10,8,1,38,32,4", "--output", out], "--model .*no processor_config.json"),
         ([str(scan), "--model", str(tmp_path / "nowhere"), "--box", "10,8,1,38,32,4", "--output", out], "--model .*no such model folder"),
         ([str(scan), *model, "--box", "10,8,1,38,32,4", "--output", str(existing)], "--output .*exists; pass overwrite"),

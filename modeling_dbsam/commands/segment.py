@@ -175,6 +175,8 @@ def check_request(args: argparse.Namespace) -> Request:
     from modeling_dbsam.predictor import check_boxes
     from modeling_dbsam.processing import IntensityConfig
 
+    if not os.path.exists(args.input):  # before the default model's notice, which would bury this line
+        raise FileNotFoundError(f"{args.input}: no such file or folder")
     boxes = [parse_numbers("--box", text, (4, 6)) for text in args.box or []]
     box_2d = parse_numbers("--box-2d", args.box_2d, (4,))
     if not boxes and box_2d is None and args.boxes is None:
