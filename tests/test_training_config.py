@@ -45,6 +45,11 @@ def test_yaml_values_are_typed_and_the_command_line_overrides_them(tmp_path, bas
     # transformers' own options and the project's recipe defaults, in one TrainingArguments
     assert config.training.lr_scheduler_type == "polynomial" and config.training.optim == "adamw_torch_fused"
     assert config.training.lr_scheduler_kwargs == {"lr_end": 0.0, "power": 1.0}
+    # YAML shapes the command line spells differently: a mapping (JSON), null, a list of trackers
+    extra = {"lr_scheduler_kwargs": {"lr_end": 1e-6, "power": 2.0}, "save_total_limit": None, "report_to": ["none"]}
+    config = parse_config(["--config", write_yaml(tmp_path, {**base, **extra})])
+    assert config.training.lr_scheduler_kwargs == {"lr_end": 1e-6, "power": 2.0}
+    assert config.training.save_total_limit is None and config.training.report_to == []
 
 
 def test_paper_recipe_matches_the_paper(tmp_path, train_test_dir):

@@ -1,7 +1,7 @@
 """The run's configuration: transformers' ``TrainingArguments`` plus the project's model and data fields.
 
 ``HfArgumentParser`` reads them from a ``--config`` YAML file (defaults) and the command line (overrides).
-Everything is checked before a model or dataset is loaded; each problem is one ``ConfigError`` line.
+Everything is checked before a model is loaded; each problem is one ``ConfigError`` line.
 """
 
 from __future__ import annotations
