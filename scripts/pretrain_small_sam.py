@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import SamConfig, SamModel, get_cosine_schedule_with_warmup
 
@@ -161,14 +162,15 @@ def held_out_scenes(count: int, size: int) -> list:
 
 
 def evaluate(model: SamModel, processor, scenes: list) -> dict[str, float]:
-    """Mean Dice over every object of the held-out scenes, box-prompted as the paper evaluates; and filling the box."""
+    """Mean Dice over every object of the held-out scenes, box-prompted as the paper evaluates; filling the box;
+    and Dice by object size and by occlusion (whole or cut into pieces), which shows where the model loses."""
     model.eval()
     boxes = [
         np.stack([box_prompt(m, fixed_shift=PAPER.box_shift, resolution=PAPER.box_resolution) for m in s.masks])
         for s in scenes
     ]
     predictions = predict_boxes(model, processor, [s.image for s in scenes], boxes, batch_size=16)
-    dice, fill = [], []
+    dice, fill, areas, pieces = [], [], [], []
     for scene, image_boxes, prediction in zip(scenes, boxes, predictions):
         for mask, box, predicted in zip(scene.masks, image_boxes, prediction.masks):
             dice.append(dice_score(predicted, mask))
@@ -176,7 +178,29 @@ def evaluate(model: SamModel, processor, scenes: list) -> dict[str, float]:
             x0, y0, x1, y1 = np.round(box).astype(int)
             filled[y0 : y1 + 1, x0 : x1 + 1] = True
             fill.append(dice_score(filled, mask))
-    return {"dice": float(np.mean(dice)), "fill_the_box_dice": float(np.mean(fill)), "objects": len(dice)}
+            areas.append(int(mask.sum()))
+            pieces.append(ndimage.label(mask, structure=np.ones((3, 3)))[1])
+    dice, areas, pieces = np.asarray(dice), np.asarray(areas), np.asarray(pieces)
+    scale = (scenes[0].image.shape[0] / 128) ** 2  # size bands in visible pixels at 128 px
+    bands = ((0, 100), (100, 400), (400, 1600), (1600, None))
+    groups = {
+        **{
+            (f"{low}-{high} px" if high else f"{low}+ px"): (areas >= low * scale) & (areas < (high or np.inf) * scale)
+            for low, high in bands
+        },
+        "one piece": pieces == 1,
+        "occluded into pieces": pieces > 1,
+    }
+    return {
+        "dice": float(dice.mean()),
+        "fill_the_box_dice": float(np.mean(fill)),
+        "objects": len(dice),
+        "dice_by_group": {
+            name: [round(float(dice[chosen].mean()), 3), int(chosen.sum())]
+            for name, chosen in groups.items()
+            if chosen.any()
+        },
+    }
 
 
 MODEL_CARD = """\

@@ -332,7 +332,8 @@ def render_figure(summary: dict, path: Path) -> None:
     )
     axes[1].set_ylabel("test DSC (%), mean over seeds")
     axes[1].set_title("Per structure")
-    axes[1].legend(fontsize=6, ncol=2)
+    axes[1].set_ylim(0, 100)  # headroom above the bars for the legend
+    axes[1].legend(fontsize=6, ncol=3, loc="upper center")
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"), overwrite=True)
     plt.close(figure)

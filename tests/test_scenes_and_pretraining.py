@@ -76,3 +76,17 @@ def test_pretraining_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, mo
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     card = json.loads((tmp_path / "straight" / "model" / "pretraining.json").read_text())
     assert card["steps"] == 4 and 0.0 <= card["dice"] <= 1.0
+
+
+def test_held_out_dice_by_group_partitions_the_objects():
+    """The size bands split the objects (their weighted mean is the overall Dice), and so do the occlusion groups."""
+    folder = Path(__file__).resolve().parents[1] / "modeling_dbsam" / "pretrained" / "small-sam"
+    model = pretrain_small_sam.SamModel.from_pretrained(folder)
+    processor = pretrain_small_sam.load_processor(folder)
+    scores = pretrain_small_sam.evaluate(model, processor, pretrain_small_sam.held_out_scenes(6, 128))
+    groups = scores["dice_by_group"]
+    for names in (["0-100 px", "100-400 px", "400-1600 px", "1600+ px"], ["one piece", "occluded into pieces"]):
+        present = [groups[name] for name in names if name in groups]
+        assert sum(count for _, count in present) == scores["objects"]
+        weighted = sum(dice * count for dice, count in present) / scores["objects"]
+        assert weighted == pytest.approx(scores["dice"], abs=2e-3)  # the groups' Dice are rounded to 3 digits

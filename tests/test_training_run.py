@@ -30,13 +30,7 @@ def data_dir(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "arrow", num_train=8, num_test=4, num_validation=4)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Each run here is tiny: one thread avoids oversubscribing the shared cores (and is deterministic)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def run_training(argv: list[str]) -> int:

@@ -120,6 +120,11 @@ class DBSamTrainer(Trainer):
                 )
         return inputs
 
+    def _inner_training_loop(self, *args, **kwargs):
+        # auto_find_batch_size reruns the loop from step 0 after an out-of-memory error: so do the seeds and the sums
+        self._seeded, self._loss_terms = (-1, 0), torch.zeros(4)
+        return super()._inner_training_loop(*args, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Re-seed dropout and drop path from (seed, step, micro-batch, process): a resumed run draws the same."""
         step, micro = self._seeded if self._seeded[0] == self.state.global_step else (self.state.global_step, 0)
@@ -198,7 +203,11 @@ class DBSamTrainer(Trainer):
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        if self._staging is None:  # pushed once renamed, below
+        """Trainer's push of the output_dir (weights copied from the checkpoint) with the processor, which Trainer
+        leaves out: every pushed revision loads with it. Pushed once the staged checkpoint is renamed."""
+        if self._staging is None:
+            if self.is_world_process_zero():
+                self.processor.save_pretrained(self.args.output_dir)
             super()._push_from_checkpoint(checkpoint_folder)
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -225,7 +234,7 @@ class DBSamTrainer(Trainer):
             rotate_checkpoints(str(root), self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
-            super()._push_from_checkpoint(str(final))
+            self._push_from_checkpoint(str(final))
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
@@ -262,17 +271,19 @@ class DBSamTrainer(Trainer):
         card.write_text(card.read_text(encoding="utf-8") + "\n".join(lines) + "\n", encoding="utf-8")
 
     def publish(self) -> None:
-        """Write the Hub-ready folder: weights, config, processor, training config, evaluation results, model card."""
-        self.save_model()
+        """Write the Hub-ready folder: weights, config, processor, training config, evaluation results, model card;
+        with push_to_hub, Trainer's push_to_hub saves the weights and the card and uploads the folder, once."""
         results = Path(self.args.output_dir) / EVAL_RESULTS_FILE
         evaluation = self.published_evaluation()
         if self.is_world_process_zero() and evaluation is None:
             results.unlink(missing_ok=True)  # an older run's results would describe other weights
         elif self.is_world_process_zero():
             atomic_write(results, lambda path: Path(path).write_text(json.dumps(evaluation, indent=2)), overwrite=True)
-        self.create_model_card()
         if self.args.push_to_hub:
             self.push_to_hub()
+        else:
+            self.save_model()
+            self.create_model_card()
 
 
 def available_metrics(dataset: datasets.Dataset) -> list[str]:
