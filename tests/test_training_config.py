@@ -169,6 +169,7 @@ def test_conv_branch_batch_norm_becomes_sync_batch_norm_with_the_same_state():
         ({"model": "facebook/sam-vit-base"}, "exactly one of model and model_config"),
         ({"bf16": True, "fp16": True, "use_cpu": True}, "At most one of fp16 and bf16 can be True"),
         ({"eval_strategy": "steps"}, "eval_strategy steps needs eval_steps"),
+        ({"save_steps": 0}, "save_steps 0 never saves: use save_strategy epoch or no"),
         ({"eval_strategy": "no", "metric_for_best_model": "dsc"}, "metric_for_best_model needs evaluation"),
         ({"resume_from_checkpoint": "latest"}, "resume_from_checkpoint latest: no complete checkpoint in"),
         ({"lr_end": 1.0}, "lr_end must be in [0, learning_rate)"),

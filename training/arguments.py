@@ -110,6 +110,9 @@ class DBSamTrainingArguments(TrainingArguments):
         if self.lr_scheduler_type == "polynomial" and not self.lr_scheduler_kwargs:
             self.lr_scheduler_kwargs = {"lr_end": self.lr_end, "power": self.lr_power}
         _check(self.eval_strategy != IntervalStrategy.STEPS or self.eval_steps, "eval_strategy steps needs eval_steps")
+        _check(
+            self.save_strategy != "steps" or self.save_steps, "save_steps 0 never saves: use save_strategy epoch or no"
+        )
         super().__post_init__()
 
 
