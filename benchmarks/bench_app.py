@@ -7,10 +7,20 @@ same segmentation called directly in Python, in one run.
 
 Two cases on a 40 x 256 x 256 CT-like volume (tests/data/blob_ct.nii.gz enlarged 4x in-plane): the box on
 one slice ("slice"), and a 40-slice 3D box ("3D box"). The browser is Debian's headless Chromium driven
-by Selenium (tests/browser.py); its time runs from the click to the new overlay image decoded in the page
-(so it includes the queue, the segmentation, drawing the overlay, PNG encoding and the transfer), timed
-inside the page; ``app_segment_s`` is the segmentation alone inside the app's handler. The
-Python time is :func:`modeling_dbsam.objects.segment_objects` on the same prompt in the same process.
+by Selenium (tests/browser.py). Each round draws the box with two clicks, types the name, presses Segment:
+
+- ``browser_s``: from the click on Segment to the new overlay decoded in the page, timed inside the page;
+  split into ``in_s`` (click to the segmentation starting in the app's handler: request, queue),
+  ``app_segment_s`` (the segmentation inside the handler) and ``out_s`` (the rest: drawing the overlay, the
+  objects table, PNG, transfer, decoding);
+- ``embedding_s`` ("slice" only): the slice's image embedding, which the page computes after the first
+  corner of the box, while the box is finished (the round waits for it, as a person's second click and
+  typing would). Every round starts without one, as for the first box on a slice; a second box on the same
+  slice would find it ready too;
+- ``python_s``: :func:`modeling_dbsam.objects.segment_objects` on the raw volume, nothing cached (what a
+  script does); ``python_cached_s``: the same call with what the app holds already: the volume windowed
+  to uint8 and, for "slice", the slice's embedding (so only the prompt decoder runs).
+
 Runs are interleaved (browser, Python, browser, ...) so that machine noise hits both alike; the target is
 a browser / Python ratio of at most 1.2.
 
@@ -84,6 +94,22 @@ def enlarged_blob(path: str) -> None:
     sitk.WriteImage(out, path, useCompression=True)
 
 
+def seconds_of(function, *arguments, **keywords) -> float:
+    start = time.perf_counter()
+    function(*arguments, **keywords)
+    return time.perf_counter() - start
+
+
+def summary(rows: list[dict]) -> dict:
+    """Each column's values (rounded) and the ratios of the browser's median to the Python medians."""
+    columns = {key: [row[key] for row in rows] for key in rows[0]}
+    result = {key: None if None in values else [round(v, 3) for v in values] for key, values in columns.items()}
+    browser = statistics.median(columns["browser_s"])
+    result["browser_over_python"] = round(browser / statistics.median(columns["python_s"]), 3)
+    result["browser_over_python_cached"] = round(browser / statistics.median(columns["python_cached_s"]), 3)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder (default: the shipped default, else a small random DB-SAM)")
@@ -99,6 +125,7 @@ def main() -> None:
     from modeling_dbsam.app import session as app_session
     from modeling_dbsam.commands.app import build, free_port
     from modeling_dbsam.commands.segment import load_model_and_processor
+    from modeling_dbsam.inference import encode_slices
     from modeling_dbsam.io import read_image
     from modeling_dbsam.objects import ObjectPrompt, segment_objects
     from modeling_dbsam.processing import get_intensity_config
@@ -111,21 +138,33 @@ def main() -> None:
     model, processor = load_model_and_processor(folder, args.device)
     intensity = get_intensity_config(processor)
 
-    handler_times = []  # the segmentation inside the app's Segment handler: browser time minus this is transport
-    segment_in_app = app_session.segment
+    segmented, encoded = [], []  # (start, end) epochs of the app's segmentations and of its slice encodings
+    app_segment, app_encode = app_session.segment, app_session.encode_slices
 
-    def timed_segment(*arguments, **keywords):
-        start = time.perf_counter()
+    def timed(function, log):
+        def run(*arguments, **keywords):
+            start = time.time()
+            try:
+                return function(*arguments, **keywords)
+            finally:
+                log.append((start, time.time()))
+
+        return run
+
+    def segment_from_scratch(session, *arguments, **keywords):
         try:
-            return segment_in_app(*arguments, **keywords)
+            return app_segment(session, *arguments, **keywords)
         finally:
-            handler_times.append(time.perf_counter() - start)
+            session.embedding = None  # the next round's box is the first on its slice again
 
-    app_session.segment = timed_segment
+    app_session.segment = timed(segment_from_scratch, segmented)
+    app_session.encode_slices = timed(app_encode, encoded)
     demo = build(folder, args.device)
     port = free_port("127.0.0.1")
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     driver = start_browser()
+    windowed = intensity.to_uint8(volume)  # what the app holds for the open scan
+    load = {"start": round(os.getloadavg()[0], 2)}
     results = {}
     try:
         page = AppPage(driver, f"http://127.0.0.1:{port}/")
@@ -137,31 +176,41 @@ def main() -> None:
             for css, value in (("#z-from", z0), ("#z-to", z1)):
                 page.type_into(css, str(value))
             prompt = ObjectPrompt("python", (BOX[0], BOX[1], z0, BOX[2], BOX[3], z1))
-            browser_times, python_times, in_handler = [], [], []
+            rows = []
             for repeat in range(repeats + 1):  # the first round warms both up and is not counted
                 page.find("#clear").click()
                 page.wait_for(lambda: "cleared" in page.text("#status"))
+                encodings = len(encoded)
                 page.draw_box(BOX, scale=2)
+                if case == "slice":
+                    page.wait_for(lambda before=encodings: len(encoded) > before)
                 name = f"{case} {repeat}".replace(" ", "-")
                 page.type_into("#object-name", name)
                 seconds = page.segment(name)
-                start = time.perf_counter()
-                segment_objects(model, processor, volume, [prompt], is_volume=True, intensity=intensity)
+                clicked = page.driver.execute_script("return window.segmentClickedAt;") / 1000
+                start, end = segmented[-1]
+                row = {
+                    "browser_s": seconds,
+                    "in_s": start - clicked,
+                    "app_segment_s": end - start,
+                    "out_s": clicked + seconds - end,
+                    "embedding_s": encoded[-1][1] - encoded[-1][0] if case == "slice" else None,
+                }
+                direct = {"is_volume": True, "intensity": intensity}
+                row["python_s"] = seconds_of(segment_objects, model, processor, volume, [prompt], **direct)
+                if case == "slice":
+                    direct["embeddings"] = {z: encode_slices(model, processor, [windowed[z]])}
+                row["python_cached_s"] = seconds_of(segment_objects, model, processor, windowed, [prompt], **direct)
                 if repeat:
-                    browser_times.append(seconds)
-                    python_times.append(time.perf_counter() - start)
-                    in_handler.append(handler_times[-1])
-            results[case] = {
-                "browser_s": [round(t, 3) for t in browser_times],
-                "python_s": [round(t, 3) for t in python_times],
-                "app_segment_s": [round(t, 3) for t in in_handler],
-                "ratio_of_medians": round(statistics.median(browser_times) / statistics.median(python_times), 3),
-            }
+                    rows.append(row)
+            results[case] = summary(rows)
             print(case, json.dumps(results[case]), flush=True)
     finally:
         driver.quit()
         demo.close()
-    print(json.dumps({"model": described, "device": args.device, "repeats": repeats, "results": results}, indent=2))
+    load["end"] = round(os.getloadavg()[0], 2)
+    report = {"model": described, "device": args.device, "repeats": repeats, "load_average_1min": load}
+    print(json.dumps({**report, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

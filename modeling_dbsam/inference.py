@@ -95,6 +95,13 @@ def propagate_from_key_slice(
     return mask
 
 
+def encode_slices(
+    model, processor, slices: Sequence[np.ndarray], autocast_dtype: torch.dtype | None = None
+) -> EncodedImages:
+    """The image embeddings of uint8 slices as the model sees them: grayscale ``(y, x)`` or RGB ``(y, x, 3)``."""
+    return encode_images(model, processor, [gray_to_rgb(pixels) for pixels in slices], autocast_dtype)
+
+
 class _SliceEncoder:
     """Slice embeddings for propagation, encoded ``batch_size`` slices ahead in the walk direction.
 
@@ -122,9 +129,7 @@ class _SliceEncoder:
         indexes = [i for i in dict.fromkeys(indexes) if i not in self.cache]
         for start in range(0, len(indexes), self.batch_size):
             batch = indexes[start : start + self.batch_size]
-            encoded = encode_images(
-                self.model, self.processor, [gray_to_rgb(self.slices[i]) for i in batch], self.autocast_dtype
-            )
+            encoded = encode_slices(self.model, self.processor, [self.slices[i] for i in batch], self.autocast_dtype)
             self.cache.update({i: encoded.select(k) for k, i in enumerate(batch)})
 
     def __call__(self, z: int, direction: int) -> EncodedImages:

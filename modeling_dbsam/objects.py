@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +29,10 @@ from modeling_dbsam.inference import (
     check_key_slice_box,
     check_volume,
     check_volume_box,
+    encode_slices,
     propagate_from_key_slice,
 )
-from modeling_dbsam.predictor import Prompts, check_boxes, decode_prompts, predict_boxes
+from modeling_dbsam.predictor import EncodedImages, Prompts, check_boxes, decode_prompts
 from modeling_dbsam.processing import IntensityConfig, get_intensity_config, to_model_rgb
 
 MAX_OBJECTS = 255
@@ -152,11 +153,15 @@ def segment_objects(
     autocast_dtype: torch.dtype | None = None,
     margin: float = PROPAGATION_MARGIN,
     progress: bool = False,
+    embeddings: Mapping[int, EncodedImages] | None = None,
 ) -> LabelMap:
     """Segment every object of a 2D image (``(y, x)`` or ``(y, x, 3)``) or a ``(z, y, x)`` volume of raw values.
 
     Raw values become uint8 by ``intensity``, by default the rule saved with ``processor`` (a volume as
-    a whole). All boxes are checked before the model runs.
+    a whole); uint8 values are taken as they are. All boxes are checked before the model runs.
+    ``embeddings`` are slices encoded already (by index; 0 for a 2D image), e.g. by a viewer for the
+    slice on screen (:func:`modeling_dbsam.inference.encode_slices` on the same uint8 slice): those
+    slices only run the prompt decoder.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -165,11 +170,16 @@ def segment_objects(
     shape = image.shape if is_volume else image.shape[:2]
     objects = check_objects(objects, shape, is_volume)
     names = [o.name for o in objects]
+    embeddings = embeddings or {}
     if not is_volume:
         boxes = np.array([o.box for o in objects], dtype=np.float32)
-        prediction = predict_boxes(model, processor, [to_model_rgb(image, intensity)], [boxes], 1, autocast_dtype)[0]
-        scores = prediction.scores[:, None].astype(np.float32)
-        return LabelMap(resolve_overlaps(prediction.masks, scores), names, scores)
+        if 0 in embeddings:
+            encoded = embeddings[0]
+        else:
+            encoded = encode_slices(model, processor, [to_model_rgb(image, intensity)], autocast_dtype)
+        prediction = decode_prompts(model, processor, encoded, Prompts(boxes=boxes), False, autocast_dtype)
+        masks, scores = prediction.masks[:, 0], prediction.scores[:, :1].astype(np.float32)
+        return LabelMap(resolve_overlaps(masks, scores), names, scores)
 
     slices = intensity.to_uint8(image)
     masks = np.zeros((len(objects), *shape), dtype=bool)
@@ -177,6 +187,7 @@ def segment_objects(
     boxed = [(i, o) for i, o in enumerate(objects) if o.key_slice is None]
     propagated = [(i, o) for i, o in enumerate(objects) if o.key_slice is not None]
     encoder = _SliceEncoder(model, processor, slices, batch_size, autocast_dtype, keep=bool(propagated))
+    encoder.cache.update(embeddings)
     box_slices = sorted({z for _, o in boxed for z in range(int(o.box[2]), int(o.box[5]) + 1)})
     total = len(box_slices) + len(propagated) * shape[0]
     with tqdm(total=total, desc="segmenting", unit="slice", disable=not progress) as bar:

@@ -35,20 +35,32 @@ def start_browser(width: int = 1400, height: int = 1100):
 
 
 OVERLAY_TIMER = """
-const view = document.querySelector('#slice-view');
+const view = document.querySelector('#slice-view'), status = document.querySelector('#status');
 const before = (view.querySelector('img') || {}).src;
-const start = performance.now();
-window.overlayShownAfter = null;
+let start = null, statusAtClick = null, outcome = null, report = null;
+window.segmentClickedAt = null;
+document.querySelector('#segment').addEventListener('click', () => {
+  start = performance.now();
+  window.segmentClickedAt = Date.now();
+  statusAtClick = status.textContent;
+}, {capture: true, once: true});
+const settle = (value) => { if (outcome === null) { outcome = value; if (report) report(value); } };
+window.whenOverlayShown = (callback) => { if (outcome !== null) callback(outcome); else report = callback; };
+new MutationObserver(() => {  // textContent, not innerText: no layout while the model runs
+  const text = status.textContent;
+  if (start !== null && text !== statusAtClick && text.includes('Error:')) settle(text.slice(text.indexOf('Error:')).trim());
+}).observe(status, {subtree: true, childList: true, characterData: true});
 const observer = new MutationObserver(() => {
   const image = view.querySelector('img');
-  if (!image || image.src === before) return;
+  if (!image || image.src === before || start === null) return;
   observer.disconnect();
-  const shown = () => { window.overlayShownAfter = performance.now() - start; };
+  const shown = () => settle(performance.now() - start);
   if (image.complete && image.naturalWidth > 0) shown(); else image.addEventListener('load', shown, {once: true});
 });
 observer.observe(view, {subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
 """
-"""Starts a clock in the page that stops when the slice view shows a new, decoded image."""
+"""A clock in the page from the real click on Segment to the slice view showing a new, decoded image (or to
+an error in the status line)."""
 
 
 class AppPage:
@@ -115,14 +127,18 @@ class AppPage:
         field.send_keys(text)
 
     def segment(self, name: str) -> float:
-        """Press Segment; return the seconds until the new overlay image has loaded, timed inside the page
-        (a MutationObserver on the slice view) so that polling from here does not add to it.
+        """Press Segment; return the seconds from the click to the new overlay image loaded, timed inside the
+        page. The wait is one asynchronous script that the page answers: no polling from here, which on a
+        small machine would take CPU from the segmentation being timed.
         """
         self.driver.execute_script(OVERLAY_TIMER)
         self.find("#segment").click()
-        self.wait_for(lambda: f"segmented {name!r}" in self.text("#status"), poll=0.2)
-        seconds = self.wait_for(lambda: self.driver.execute_script("return window.overlayShownAfter;"), poll=0.2)
-        return seconds / 1000
+        self.driver.set_script_timeout(self.timeout)
+        outcome = self.driver.execute_async_script("window.whenOverlayShown(arguments[arguments.length - 1]);")
+        if isinstance(outcome, str):
+            raise RuntimeError(f"Segment failed in the page: {outcome}")
+        self.wait_for(lambda: f"segmented {name!r}" in self.text("#status"))
+        return outcome / 1000
 
     def loaded_image(self):
         """The slice's <img> once the browser has decoded it."""

@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from browser import BROWSER_MISSING, AppPage, start_browser
 from dicom_data import write_ct_series, write_two_series_zip
-from tiny import save_tiny_dbsam, scrambled_tiny_dbsam, tiny_processor
+from tiny import count_encoder_calls, save_tiny_dbsam, scrambled_tiny_dbsam, tiny_processor
 
 from modeling_dbsam.app import session as app
 from modeling_dbsam.io import read_image
@@ -38,10 +38,11 @@ def processor():
     return tiny_processor()
 
 
-def expected_labels(model, processor, box=BOX, z=Z):
+def expected_labels(model, processor, box=BOX, z=Z, intensity=CT):
+    """The direct call on the raw volume: no cached embedding, no cached windowing."""
     volume = read_image(BLOB).array
     prompt = ObjectPrompt("blob", (box[0], box[1], z, box[2], box[3], z))
-    return segment_objects(model, processor, volume, [prompt], is_volume=True, intensity=CT).labels
+    return segment_objects(model, processor, volume, [prompt], is_volume=True, intensity=intensity).labels
 
 
 # --- session logic -------------------------------------------------------------------------------------------
@@ -78,6 +79,53 @@ def test_session_segments_named_objects_and_exports_in_the_input_geometry(model,
     assert app.remove(state) == "removed 'second'" and [o.name for o in state.objects] == ["blob"]
     with pytest.raises(ValueError, match="DICOM-SEG needs a DICOM input; blob_ct.nii.gz is not DICOM"):
         app.export(state, "DICOM-SEG", str(tmp_path / "seg"))
+
+
+def test_boxes_on_one_slice_share_its_embedding_and_give_what_an_uncached_call_gives(model, processor, monkeypatch):
+    state = app.Session(scan=app.open_scan([str(BLOB)]))
+    calls = count_encoder_calls(model, monkeypatch)
+
+    def segment_box(session, name, box, z, intensity=CT):
+        app.set_box(session, box)
+        return app.segment(session, model, processor, intensity, name, "slice", z).mask
+
+    other_box = (20, 20, 40, 44)
+    on_z = [segment_box(state, "a", BOX, Z), segment_box(state, "b", other_box, Z)]
+    assert calls == [1]  # the second box ran only the prompt decoder
+    next_z = segment_box(state, "c", BOX, Z + 3)  # another slice: its own embedding
+    assert calls == [1, 1]
+    windowed = IntensityConfig("CT", (40, 80))  # another rule for the model: another embedding of the same slice
+    rewindowed = segment_box(state, "d", BOX, Z + 3, windowed)
+    assert calls == [1, 1, 1]
+    monkeypatch.undo()
+
+    np.testing.assert_array_equal(on_z[0], expected_labels(model, processor) == 1)
+    np.testing.assert_array_equal(on_z[1], expected_labels(model, processor, other_box) == 1)
+    fresh = app.Session(scan=app.open_scan([str(BLOB)]))
+    np.testing.assert_array_equal(next_z, segment_box(fresh, "c", BOX, Z + 3))
+    np.testing.assert_array_equal(next_z, expected_labels(model, processor, z=Z + 3) == 1)
+    np.testing.assert_array_equal(rewindowed, expected_labels(model, processor, z=Z + 3, intensity=windowed) == 1)
+    # slice Z's embedding would give another mask on slice Z + 3, and the window matters: the checks above can fail
+    assert (next_z[Z + 3] != on_z[0][Z]).sum() > 20 and (rewindowed != next_z).sum() > 20
+    assert state.objects[2].scores[Z + 3] == fresh.objects[0].scores[Z + 3]
+
+
+def test_a_2d_image_reuses_its_embedding(model, processor, tmp_path, monkeypatch):
+    image = (np.add.outer(np.arange(48), np.arange(64)) * 2).astype(np.uint8)
+    image[10:30, 20:40] = 230
+    path = tmp_path / "square.png"
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(path))
+    state = app.Session(scan=app.open_scan([str(path)]))
+    calls = count_encoder_calls(model, monkeypatch)
+    masks = []
+    for name, box in (("a", (15, 5, 45, 35)), ("b", (2, 2, 30, 40))):
+        app.set_box(state, box)
+        masks.append(app.segment(state, model, processor, CT, name, "slice", 0).mask)
+    assert calls == [1]
+    monkeypatch.undo()
+    for mask, box in zip(masks, ((15, 5, 45, 35), (2, 2, 30, 40))):
+        expected = segment_objects(model, processor, image, [ObjectPrompt("x", box)], is_volume=False, intensity=CT)
+        np.testing.assert_array_equal(mask, expected.labels == 1)
 
 
 def test_session_bad_input_is_one_clear_message(model, processor, tmp_path):
@@ -196,7 +244,9 @@ def test_gradio_client_drives_the_app_like_a_plugin(server, model, processor, tm
 
 
 @pytest.mark.skipif(BROWSER_MISSING is not None, reason=str(BROWSER_MISSING))
-def test_a_box_drawn_in_a_real_browser_is_segmented_shown_and_downloaded(server, model, processor, tmp_path):
+def test_a_box_drawn_in_a_real_browser_is_segmented_shown_and_downloaded(
+    server, model, processor, tmp_path, monkeypatch
+):
     pytest.importorskip("selenium")
     driver = start_browser()
     try:
@@ -206,7 +256,11 @@ def test_a_box_drawn_in_a_real_browser_is_segmented_shown_and_downloaded(server,
         page.find("#segment").click()  # no box yet: a message in the page, not a stack trace
         assert page.error_message().startswith("Error: draw a box first")
 
+        encoded = []  # the slices the page encodes, and when
+        encode = app.encode_slices
+        monkeypatch.setattr(app, "encode_slices", lambda *args: encoded.append(len(args[2])) or encode(*args))
         page.draw_box(BOX, scale=8)  # the page opens on the middle slice, z = 20
+        page.wait_for(lambda: encoded == [1])  # encoded after the first corner, while the box is being drawn
         drawn = page.shown_slice()
         yellow = (drawn[..., 0] > 200) & (drawn[..., 1] > 200) & (drawn[..., 2] < 80)
         rows, cols = np.nonzero(yellow)
@@ -223,6 +277,7 @@ def test_a_box_drawn_in_a_real_browser_is_segmented_shown_and_downloaded(server,
         expected = expected_labels(model, processor)[Z] == 1
         assert expected.sum() > 50
         np.testing.assert_array_equal(overlaid, expected)
+        assert encoded == [1]  # Segment ran only the prompt decoder, on the embedding made at the first corner
 
         page.find("#export").click()
         links = page.wait_for(lambda: [a.get_attribute("href") for a in page.find_all("#downloads a[href]")])

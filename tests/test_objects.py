@@ -13,7 +13,7 @@ from dicom_data import ct_series_volume, write_ct_series
 from tiny import count_encoder_calls, save_tiny_dbsam, scrambled_tiny_dbsam, tiny_processor
 
 from modeling_dbsam.cli import main
-from modeling_dbsam.inference import segment_volume
+from modeling_dbsam.inference import encode_slices, segment_volume
 from modeling_dbsam.io import read_image
 from modeling_dbsam.objects import ObjectPrompt, read_objects_file, resolve_overlaps, segment_objects
 from modeling_dbsam.predictor import predict_boxes
@@ -101,6 +101,41 @@ def test_2d_objects_share_one_encoder_pass(model, processor, monkeypatch):
     assert expected.masks.any(axis=(1, 2)).all()
     np.testing.assert_array_equal(result.labels > 0, expected.masks.any(axis=0))
     np.testing.assert_array_equal(result.scores[:, 0], expected.scores)
+
+
+def test_slices_encoded_beforehand_only_run_the_decoder_and_change_nothing(model, processor, volume, monkeypatch):
+    image = ct_series_volume(1)[0]
+    cases = [  # (image, is_volume, box, the slice encoded beforehand)
+        (volume, True, (2, 2, 3, 40, 60, 3), 3),  # one slice: what the app does with the slice on screen
+        (image, False, (5, 6, 70, 80), 0),
+        (volume, True, (2, 2, 3, 40, 60, 5), 3),  # slices 4 and 5 still go through the encoder
+    ]
+
+    def run(image, is_volume, box, embeddings=None):
+        objects = [ObjectPrompt("a", box)]
+        return segment_objects(
+            model, processor, image, objects, is_volume=is_volume, intensity=MR, embeddings=embeddings
+        )
+
+    uncached = [run(image, is_volume, box) for image, is_volume, box, _ in cases]
+    given = [
+        encode_slices(model, processor, [MR.to_uint8(image)[z] if is_volume else to_model_rgb(image, MR)])
+        for image, is_volume, _, z in cases
+    ]
+    calls = count_encoder_calls(model, monkeypatch)
+    cached = [run(image, v, box, {z: encoded}) for (image, v, box, z), encoded in zip(cases, given)]
+    assert calls == [2]
+    for before, after in zip(uncached[:2], cached[:2]):
+        assert before.labels.any()
+        np.testing.assert_array_equal(after.labels, before.labels)
+        np.testing.assert_array_equal(after.scores, before.scores)
+    # slice 3 encoded alone, not in a batch with 4 and 5: the same up to the rounding of batched matrix products
+    np.testing.assert_array_equal(cached[2].labels, uncached[2].labels)
+    np.testing.assert_allclose(cached[2].scores, uncached[2].scores, rtol=1e-5)
+    elsewhere = run(volume, True, cases[0][2], {4: given[0]})  # slice 3's embedding given as slice 4's: not used
+    np.testing.assert_array_equal(elsewhere.labels, uncached[0].labels)
+    misplaced = run(volume, True, (2, 2, 4, 40, 60, 4), {4: given[0]})
+    assert (misplaced.labels[4] != run(volume, True, (2, 2, 4, 40, 60, 4)).labels[4]).sum() > 20  # it is used
 
 
 @pytest.mark.parametrize(

@@ -60,3 +60,11 @@ def test_table3_runs_end_to_end_on_a_few_steps(tmp_path, monkeypatch):
     assert 0.0 < box["dsc"] < 1.0 and (output / "table3.png").stat().st_size > 0
     assert "filling the box" in (output / "table3.md").read_text()
     assert np.isfinite(summary["wall_seconds"])
+
+
+def test_a_rerun_with_other_settings_does_not_reuse_finished_runs(tmp_path):
+    table3.check_settings(table3.parse_args(["--output", str(tmp_path), "--learning_rate", "1e-3"]), tmp_path)
+    more_seeds = ["--output", str(tmp_path), "--learning_rate", "1e-3", "--seeds", "3", "--jobs", "1"]
+    table3.check_settings(table3.parse_args(more_seeds), tmp_path)  # other runs of the same experiment
+    with pytest.raises(SystemExit, match=r"other settings \(learning_rate 0.001 -> 0.0001\)"):
+        table3.check_settings(table3.parse_args(["--output", str(tmp_path)]), tmp_path)

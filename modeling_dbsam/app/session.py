@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from modeling_dbsam.inference import encode_slices
 from modeling_dbsam.intensity import CT_WINDOW_PRESETS
 from modeling_dbsam.objects import LabelMap, ObjectPrompt, object_colour, resolve_overlaps, segment_objects
+from modeling_dbsam.predictor import EncodedImages
 from modeling_dbsam.processing import IntensityConfig, to_model_rgb
 
 MODEL_WINDOW = "model's rule"
@@ -51,7 +53,8 @@ class Scan:
         return self.array.shape[1:3] if self.is_volume else self.array.shape[:2]
 
     def shown(self, intensity: IntensityConfig) -> np.ndarray:
-        """The scan as uint8 RGB slices ``(z, y, x, 3)`` under ``intensity`` (the whole volume at once, cached)."""
+        """The scan as uint8 under ``intensity``: ``(z, y, x)`` for a volume (windowed as a whole, as the model's
+        rule fits a volume), ``(1, y, x, 3)`` RGB for a 2D image; computed once per rule."""
         key = (intensity.modality, intensity.window)
         if key not in self._shown:
             if self.is_volume:
@@ -70,12 +73,27 @@ class SegmentedObject:
 
 
 @dataclass
+class SliceEmbedding:
+    """The image embedding of one slice and what it was computed from (see :func:`slice_embedding`)."""
+
+    scan: Scan
+    model: object
+    intensity: IntensityConfig
+    z: int
+    encoded: EncodedImages
+
+    def is_for(self, scan: Scan, model, intensity: IntensityConfig, z: int) -> bool:
+        return self.scan is scan and self.model is model and self.intensity == intensity and self.z == z
+
+
+@dataclass
 class Session:
-    """One user's scan, objects and pending box corners."""
+    """One user's scan, objects and pending box corners, and the embedding of the slice boxes are drawn on."""
 
     scan: Scan | None = None
     objects: list[SegmentedObject] = field(default_factory=list)
     corners: list[tuple[int, int]] = field(default_factory=list)  # x, y of the box being drawn
+    embedding: SliceEmbedding | None = field(default=None, repr=False)
 
     @property
     def box(self) -> tuple[int, int, int, int] | None:
@@ -216,6 +234,25 @@ def set_box(session: Session, box: list[float]) -> None:
     session.corners = [(int(box[0]), int(box[1])), (int(box[2]), int(box[3]))]
 
 
+def uses_slice_embedding(scan: Scan, mode: str) -> bool:
+    """Whether segmenting in ``mode`` reads the shown slice's embedding alone (a slice, or a 2D image)."""
+    return mode == "slice" or not scan.is_volume
+
+
+def slice_embedding(session: Session, model, processor, model_intensity: IntensityConfig, z: int) -> EncodedImages:
+    """Slice ``z``'s image embedding, computed once: every further box on that slice runs only the prompt
+    decoder, as in SAM's interactive predictor. One slice is kept; another slice, scan, model or intensity
+    rule of the model computes a new one. (The display window does not change what the model sees.)
+    """
+    scan = session.scan
+    z = check_slice(scan, z)
+    cached = session.embedding
+    if cached is None or not cached.is_for(scan, model, model_intensity, z):
+        encoded = encode_slices(model, processor, [scan.shown(model_intensity)[z]])
+        session.embedding = cached = SliceEmbedding(scan, model, model_intensity, z, encoded)
+    return cached.encoded
+
+
 def segment(
     session: Session,
     model,
@@ -248,8 +285,19 @@ def segment(
     else:
         z0, z1 = (z, z) if mode == "slice" else z_range
         prompt = ObjectPrompt(name, (x0, y0, z0, x1, y1, z1))
+    embeddings = None
+    if uses_slice_embedding(scan, mode):
+        embeddings = {z: slice_embedding(session, model, processor, model_intensity, z)}
+    shown = scan.shown(model_intensity)  # the model's uint8 values, computed once per scan and rule
     result = segment_objects(
-        model, processor, scan.array, [prompt], is_volume=scan.is_volume, intensity=model_intensity, progress=progress
+        model,
+        processor,
+        shown if scan.is_volume else shown[0],
+        [prompt],
+        is_volume=scan.is_volume,
+        intensity=model_intensity,
+        progress=progress,
+        embeddings=embeddings,
     )
     added = SegmentedObject(name, prompt, result.labels == 1, result.scores[0])
     session.objects.append(added)

@@ -111,11 +111,18 @@ def build_app(model, processor, title: str = "DB-SAM: box-prompted medical image
         x0, y0, x1, y1 = state.box
         return state, view(state, z, window), f"box x={x0}..{x1}, y={y0}..{y1}; name the object and press Segment"
 
+    @reports_errors(outputs=2)
+    def prepare_embedding(state: app.Session, z, mode):
+        """After a box corner: encode the slice now, while the user finishes the box, so Segment only decodes."""
+        if state.scan is not None and state.corners and app.uses_slice_embedding(state.scan, mode):
+            app.slice_embedding(state, model, processor, model_intensity, int(z))
+        return gr.skip(), gr.skip()
+
     @reports_errors(outputs=5)
     def segment(state: app.Session, name, mode, z, z0, z1, window, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
-        added = app.segment(
-            state, model, processor, model_intensity, name, mode, int(z), (int(z0 or 0), int(z1 or 0)), progress=True
-        )
+        z_range = (int(z0 or 0), int(z1 or 0))
+        slices = state.scan is not None and not app.uses_slice_embedding(state.scan, mode)  # a progress bar for them
+        added = app.segment(state, model, processor, model_intensity, name, mode, int(z), z_range, progress=slices)
         voxels = int(added.mask.sum())
         message = f"segmented {added.name!r}: {voxels} voxels" + ("" if voxels else " (empty mask)")
         return state, view(state, z, window), app.objects_table(state), names(state), message
@@ -196,11 +203,27 @@ def build_app(model, processor, title: str = "DB-SAM: box-prompted medical image
             [state, slider, image, window, summary, table, chosen, status],
             api_name="open",
         )
-        slider.change(show_slice, [state, slider, window], [image, status], api_name=False)
-        window.change(show_slice, [state, slider, window], [image, status], api_name=False)
-        image.select(on_click, [state, slider, window], [state, image, status], api_name=False)
-        box_text.submit(set_box, [state, box_text, slider, window], [state, image, status], api_name="set_box")
-        run.click(segment, [state, name, mode, slider, z0, z1, window], edits, api_name="segment")
+        # the user's changes only (.input): opening a scan sets the slider and window and draws the slice itself
+        for browse in (slider, window):
+            browse.input(
+                show_slice, [state, slider, window], [image, status], api_name=False, trigger_mode="always_last"
+            )
+        on_model = {"concurrency_id": "model", "concurrency_limit": 1}  # one model call at a time, in order
+        embed = {"fn": prepare_embedding, "inputs": [state, slider, mode], "outputs": [state, status]}
+        image.select(on_click, [state, slider, window], [state, image, status], api_name=False).then(
+            **embed, api_name=False, show_progress="hidden", **on_model
+        )
+        box_text.submit(set_box, [state, box_text, slider, window], [state, image, status], api_name="set_box").then(
+            **embed, api_name=False, show_progress="hidden", **on_model
+        )
+        run.click(  # progress on the status line only: an animation over the slice costs CPU the model needs
+            segment,
+            [state, name, mode, slider, z0, z1, window],
+            edits,
+            api_name="segment",
+            show_progress_on=[status],
+            **on_model,
+        )
         undo_button.click(undo, [state, slider, window], edits, api_name="undo")
         remove_button.click(remove, [state, chosen, slider, window], edits, api_name="remove")
         clear_button.click(clear, [state, slider, window], edits, api_name="clear")
@@ -214,6 +237,7 @@ def build_app(model, processor, title: str = "DB-SAM: box-prompted medical image
             [plugin_scan, plugin_objects, plugin_format],
             plugin_result,
             api_name="segment_file",
+            **on_model,
         )
     return demo
 
