@@ -6,8 +6,8 @@
 The task needs nothing but the prompt: blank images, and the target is the box itself. The tiny test
 model (32 px), every weight trainable, AdamW at 1e-3, batch 16, BCE + Dice. ``transformers``: the
 model as ``DBSamModel(config)`` builds it (SAM's init: normal std 0.02, std 1e-10 in the ViT);
-``meta``: the same after ``training/model_setup.reset_sam_layers`` (PyTorch's default layer init, as
-Meta's segment-anything has it), which ``training/train.py`` applies to models built from
+``meta``: the same after ``modeling_dbsam.modeling_dbsam.reset_to_pytorch_init`` (PyTorch's default layer init,
+as Meta's segment-anything has it), which ``training/train.py`` applies to models built from
 ``--model_config``. Reports the mean Dice of the last 50 steps' predictions per seed.
 """
 
@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "training")]
+sys.path.insert(0, str(ROOT / "tests"))
 
-from model_setup import reset_sam_layers  # noqa: E402
 from tiny import TINY_IMAGE_SIZE, TINY_MASK_SIZE, tiny_sam_config_dict  # noqa: E402
 
 from modeling_dbsam import DBSamConfig, DBSamModel  # noqa: E402
 from modeling_dbsam.losses import bce_dice_loss  # noqa: E402
+from modeling_dbsam.modeling_dbsam import reset_to_pytorch_init  # noqa: E402
 
 
 def box_batch(generator: torch.Generator, count: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,7 +47,7 @@ def train_box_following(init: str, seed: int, steps: int) -> float:
     torch.manual_seed(seed)
     model = DBSamModel(DBSamConfig(**tiny_sam_config_dict()))
     if init == "meta":
-        reset_sam_layers(model)
+        reset_to_pytorch_init(model, keep=model.adapter_modules())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
     dice = []

@@ -81,7 +81,6 @@ def measure_loop(loop: str, steps: int, warmup: int) -> dict:
     sys.path.insert(0, str(root / "training"))
     import torch
     import train
-    from reproducibility import derive_seed
     from transformers import TrainerCallback
 
     argv = [
@@ -128,9 +127,14 @@ def measure_loop(loop: str, steps: int, warmup: int) -> dict:
         timer = StepTimer()
         for step, batch in zip(range(warmup + steps), loader):
             timer.on_step_begin(None, None, None)
-            torch.manual_seed(derive_seed(0, step, 0))
-            pixel_values = trainer.pixels.normalize(batch["pixel_values"], batch["reshaped_input_sizes"])
-            outputs = model(pixel_values=pixel_values, input_boxes=batch["input_boxes"], multimask_output=False)
+            torch.manual_seed(train.derive_seed(0, step, 0))
+            pixels = trainer.transform.pixels
+            inputs = {"pixel_values": pixels.normalize(batch["pixel_values"], batch["reshaped_input_sizes"])}
+            if "conv_pixel_values" in batch:  # I_conv, as the replaced loop gave it since the paper's I_conv landed
+                inputs["conv_pixel_values"] = pixels.normalize_conv(
+                    batch["conv_pixel_values"], batch["original_sizes"]
+                )
+            outputs = model(**inputs, input_boxes=batch["input_boxes"], multimask_output=False)
             losses = bce_dice_loss(outputs.pred_masks[:, :, 0], batch["labels"])
             accelerator.backward(losses.loss)
             accelerator.clip_grad_norm_(model.parameters(), 1.0)

@@ -275,6 +275,20 @@ def aggregate(cases: Sequence[CaseResult]) -> dict:
     return {"tasks": tasks, "averages": averages}
 
 
+def summary_metrics(summary: dict) -> dict[str, float]:
+    """An :func:`aggregate` summary as flat metrics, as training logs them: ``dsc`` / ``nsd`` (unweighted mean over
+    tasks), ``*_3d`` / ``*_2d`` (the paper's averages), ``*_3d_2d_mean`` (the mean of those two averages where both
+    exist), ``dsc/<task>`` and ``nsd/<task>``."""
+    metrics: dict[str, float] = {}
+    for name in ("dsc", "nsd"):
+        averages = {dimension.lower(): average[name] for dimension, average in summary["averages"].items()}
+        metrics[name] = sum(task[name] for task in summary["tasks"]) / len(summary["tasks"])
+        metrics.update({f"{name}_{dimension}": value for dimension, value in averages.items()})
+        metrics[f"{name}_3d_2d_mean"] = sum(averages.values()) / len(averages)
+        metrics.update({f"{name}/{task['task']}": task[name] for task in summary["tasks"]})
+    return metrics
+
+
 # ---------------------------------------------------------------------------------------------
 # The dataset split, case by case
 # ---------------------------------------------------------------------------------------------

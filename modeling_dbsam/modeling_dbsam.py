@@ -9,6 +9,7 @@ SAM's parameter names are unchanged, so every SAM / MedSAM checkpoint loads into
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -534,4 +535,19 @@ class DBSamModel(SamModel):
         )
 
 
-__all__ = ["DBSamModel", "DBSamVisionEncoder"]
+def reset_to_pytorch_init(model: nn.Module, keep: Iterable[nn.Module] = ()) -> None:
+    """PyTorch's default initialisation for every linear, convolution and embedding layer of ``model`` but those in
+    ``keep``: Meta's segment-anything has it, and a SAM trained from random weights needs it.
+
+    transformers' SAM initialisation (normal, std 0.02; 1e-10 in the ViT) is made to be overwritten by a
+    checkpoint: its ViT outputs almost nothing and its mask logits start near 1e-6. From it, the tiny test
+    model, all of it trainable, did not learn to fill a box on blank images in 300 steps (DSC 0); from
+    PyTorch's it reached DSC 0.59 (docs/benchmarks.md, "Initialisation").
+    """
+    kept = {id(module) for module in keep}
+    for module in model.modules():
+        if id(module) not in kept and isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)):
+            module.reset_parameters()
+
+
+__all__ = ["DBSamModel", "DBSamVisionEncoder", "reset_to_pytorch_init"]

@@ -39,6 +39,7 @@ from modeling_dbsam.evaluation import PAPER
 from modeling_dbsam.io import atomic_write
 from modeling_dbsam.losses import bce_dice_loss
 from modeling_dbsam.metrics import dice_score
+from modeling_dbsam.modeling_dbsam import reset_to_pytorch_init
 from modeling_dbsam.pixels import SamPixels
 from modeling_dbsam.predictor import predict_boxes
 from modeling_dbsam.processing import load_processor
@@ -123,17 +124,15 @@ class SceneBatches(IterableDataset):
 
 
 def pytorch_init(model: SamModel) -> None:
-    """Meta's segment-anything initialisation: PyTorch's default for every layer (transformers' SAM init is made
-    to be overwritten by a checkpoint and barely learns from scratch), and the prompt encoder's random Fourier
-    features drawn with scale 1 and kept fixed, as Meta's ``PositionEmbeddingRandom`` buffer is.
+    """Meta's segment-anything initialisation: PyTorch's default for every layer (:func:`reset_to_pytorch_init`),
+    and the prompt encoder's random Fourier features drawn with scale 1 and kept fixed, as Meta's
+    ``PositionEmbeddingRandom`` buffer is.
 
     transformers draws those features with std ``hidden_size // 2`` (48 here): frequencies far above what a
     16 x 16 grid resolves, so box corners encode as noise and a model trained from there does not learn to
     follow boxes (held-out Dice fell from 0.18 to 0.14 between steps 500 and 1000 in a first run).
     """
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Embedding)):
-            module.reset_parameters()
+    reset_to_pytorch_init(model)
     features = model.shared_image_embedding.positional_embedding
     with torch.no_grad():
         features.normal_(0.0, 1.0)

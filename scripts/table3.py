@@ -38,7 +38,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from modeling_dbsam.evaluation import PAPER, aggregate, box_filling_cases
+from modeling_dbsam.evaluation import PAPER, aggregate, box_filling_cases, summary_metrics
 from modeling_dbsam.io import atomic_write
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def train_command(args: argparse.Namespace, switches: dict, seed: int, output_di
         "per_device_train_batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "weight_decay": 0.01,
-        "warmup_ratio": 0.05,
+        "warmup_steps": 0.05,
         "max_box_shift": 20,
         "adapter_dropout": args.adapter_dropout,
         "adapter_drop_path_rate": args.adapter_dropout,
@@ -189,10 +189,8 @@ def summarise(args: argparse.Namespace, runs: list[dict], zero_shot: Path, box: 
         seeds = [r for r in runs if r["row"] == row]
         averages, structures = [], defaultdict(list)
         for run in seeds:
-            results = json.loads((Path(run["folder"]) / "test" / "results.json").read_text())
-            averages.append(
-                (np.mean([t["dsc"] for t in results["tasks"]]), np.mean([t["nsd"] for t in results["tasks"]]))
-            )
+            metrics = summary_metrics(json.loads((Path(run["folder"]) / "test" / "results.json").read_text()))
+            averages.append((metrics["dsc"], metrics["nsd"]))
             for label, scores in object_scores(Path(run["folder"]) / "test").items():
                 structures[label].append(scores)
         values = np.asarray(averages)
@@ -218,11 +216,11 @@ def summarise(args: argparse.Namespace, runs: list[dict], zero_shot: Path, box: 
             "train_seconds_mean": float(np.mean([r["train_seconds"] for r in seeds])),
             "examples_per_second_mean": float(np.mean([r["examples_per_second"] for r in seeds])),
         }
-    zero = json.loads((zero_shot / "results.json").read_text())
+    zero = summary_metrics(json.loads((zero_shot / "results.json").read_text()))
     reference = {
         "zero-shot (pretrained, no fine-tuning)": {
-            "dsc": float(np.mean([t["dsc"] for t in zero["tasks"]])),
-            "nsd": float(np.mean([t["nsd"] for t in zero["tasks"]])),
+            "dsc": zero["dsc"],
+            "nsd": zero["nsd"],
             "structures": {str(k): {"dsc": v[0], "nsd": v[1]} for k, v in sorted(object_scores(zero_shot).items())},
         },
         "filling the box": box,
@@ -244,14 +242,14 @@ def setup(args: argparse.Namespace) -> dict:
 def box_filling(args: argparse.Namespace) -> dict:
     split = datasets.load_from_disk(args.data)[args.test_split]
     cases = box_filling_cases(split, PAPER)
-    summary = aggregate(cases)
+    metrics = summary_metrics(aggregate(cases))
     by_label = defaultdict(list)
     for case in cases:
         for obj in case.objects:
             by_label[obj.label].append((obj.dsc, obj.nsd))
     return {
-        "dsc": float(np.mean([t["dsc"] for t in summary["tasks"]])),
-        "nsd": float(np.mean([t["nsd"] for t in summary["tasks"]])),
+        "dsc": metrics["dsc"],
+        "nsd": metrics["nsd"],
         "structures": {
             str(label): {"dsc": float(np.mean([v[0] for v in values])), "nsd": float(np.mean([v[1] for v in values]))}
             for label, values in sorted(by_label.items())

@@ -58,7 +58,7 @@ def test_training_records_the_window_and_segment_feeds_the_model_what_training_d
     code = train.main(
         [*("--model_config", str(model_config), "--data", str(data), "--output_dir", str(tmp_path / "model")),
          *("--report_to", "none", "--disable_tqdm", "--eval_strategy", "no", "--max_steps", "2"),
-         *("--per_device_train_batch_size", "4", "--max_box_shift", "0", "--save_steps", "0")]
+         *("--per_device_train_batch_size", "4", "--max_box_shift", "0", "--save_strategy", "epoch")]
     )  # fmt: skip
     assert code == 0
     monkeypatch.setattr(DBSamModel, "forward", forward)

@@ -11,8 +11,8 @@ import train
 import transformers
 from accelerate.state import AcceleratorState, GradientState
 from arguments import ModelArguments, latest_checkpoint
-from model_setup import build_model
 from safetensors.torch import load_file
+from train import build_model
 from training_support import make_dataset, write_tiny_model_config
 from transformers import TrainerState
 from transformers.trainer_pt_utils import safe_globals
@@ -113,7 +113,7 @@ def mean_loss(model: DBSamModel, processor, dataset: datasets.Dataset) -> float:
 def test_loss_falls_on_a_tiny_overfit_set_and_frozen_weights_stay_unchanged(tmp_path, data_dir):
     no_noise = ("--adapter_dropout", "0", "--adapter_drop_path_rate", "0", "--max_box_shift", "0")
     args = base_args(tmp_path, data_dir, "overfit", *no_noise, "--max_steps", "40", "--learning_rate", "1e-2")
-    args += ["--per_device_train_batch_size", "4", "--save_steps", "0", "--seed", "7"]
+    args += ["--per_device_train_batch_size", "4", "--save_strategy", "epoch", "--seed", "7"]
     assert run_training(args) == 0
     output = tmp_path / "overfit"
 
@@ -151,7 +151,7 @@ def test_the_model_trains_on_exactly_what_the_processor_makes(tmp_path, data_dir
         return forward(self, pixel_values=pixel_values, **kwargs)
 
     monkeypatch.setattr(DBSamModel, "forward", recording_forward)
-    args = base_args(tmp_path, data_dir, "spy", "--max_steps", "2", "--max_box_shift", "0", "--save_steps", "0")
+    args = base_args(tmp_path, data_dir, "spy", "--max_steps", "2", "--max_box_shift", "0", "--save_strategy", "epoch")
     assert run_training([*args, "--per_device_train_batch_size", "4", "--dataloader_num_workers", "2"]) == 0
     train_split = datasets.load_from_disk(str(data_dir))["train"]
     conv_size = conv_input_size(DBSamConfig.from_pretrained(tmp_path / "spy"))
@@ -205,7 +205,7 @@ def test_latest_is_the_newest_complete_checkpoint_and_an_interrupted_save_is_dro
 def test_evaluation_picks_the_best_checkpoint_and_publishes_its_scores(tmp_path, data_dir):
     args = base_args(tmp_path, data_dir, "evaluated", "--num_train_epochs", "3", "--per_device_train_batch_size", "4")
     args += ["--eval_strategy", "epoch", "--metric_for_best_model", "dsc", "--load_best_model_at_end"]
-    args += ["--save_steps", "0", "--save_total_limit", "1", "--learning_rate", "3e-3"]
+    args += ["--save_strategy", "epoch", "--save_total_limit", "1", "--learning_rate", "3e-3"]
     assert run_training(args) == 0
     output = tmp_path / "evaluated"
     state = TrainerState.load_from_json(str(latest_checkpoint(output) / "trainer_state.json"))

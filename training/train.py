@@ -24,20 +24,39 @@ import warnings
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 import transformers
-from arguments import CONFIG_FILE_NAME, ConfigError, RunConfig, latest_checkpoint, parse_config, resolve_checkpoint
-from model_setup import build_model, build_processor, convert_to_sync_batch_norm, wants_sync_batch_norm
-from periodic_eval import available_metrics, evaluate_during_training
-from reproducibility import EpochShuffleSampler, derive_seed
+from arguments import (
+    CONFIG_FILE_NAME,
+    ConfigError,
+    ModelArguments,
+    RunConfig,
+    latest_checkpoint,
+    parse_config,
+    resolve_checkpoint,
+)
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
+from modeling_dbsam import DBSamConfig, DBSamModel
+from modeling_dbsam.convert import build_sam_processor, pixel_statistics
 from modeling_dbsam.data import SamBoxTransform, collate_batch
+from modeling_dbsam.data.card import read_preprocessing
 from modeling_dbsam.data.splits import carve_validation
+from modeling_dbsam.evaluation import (
+    aggregate,
+    get_protocol,
+    index_cases,
+    read_finished_cases,
+    run_cases,
+    summary_metrics,
+)
 from modeling_dbsam.io import atomic_write
 from modeling_dbsam.losses import bce_dice_loss
+from modeling_dbsam.modeling_dbsam import reset_to_pytorch_init
 from modeling_dbsam.pixels import SamPixels, conv_input_size
+from modeling_dbsam.processing import load_processor, set_dataset_preprocessing
 
 logger = logging.getLogger("dbsam.train")
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -50,6 +69,30 @@ class NonFiniteError(RuntimeError):
     """The loss or gradient norm became NaN or infinite: training stops before the weights are touched."""
 
 
+def derive_seed(seed: int, *keys: int) -> int:
+    """An independent 63-bit seed for each tuple of non-negative keys (NumPy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A permutation of the training set that is a function of ``(seed, epoch)`` alone. Accelerate shards its
+    batches across processes and calls ``set_epoch`` before each epoch, which also moves the box jitter to it
+    (before the epoch's loader workers copy the transform)."""
+
+    def __init__(self, size: int, seed: int, transform: SamBoxTransform):
+        self.size, self.seed, self.epoch, self.transform = size, seed, 0, transform
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.transform.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class DBSamTrainer(Trainer):
     """transformers' Trainer where the project differs from it; everything else is Trainer's own."""
 
@@ -58,32 +101,28 @@ class DBSamTrainer(Trainer):
         # Not Trainer's processing_class, which it takes for a tokenizer's wrapper (align_special_tokens); saved by _save.
         self.config, self.transform, self.processor = config, transform, transform.processor
         self.model_accepts_loss_kwargs = False  # the loss is a per-batch mean: Trainer scales it for accumulation
-        self.pixels = SamPixels(self.processor) if not transform.normalize else None
         self._staging: Path | None = None
         self._seeded = (-1, 0)  # (optimizer step, micro-batches seeded in it)
-        self._loss_terms = torch.zeros(3)  # bce, dice, micro-batches since the last log
-        self._last_loss = torch.zeros(())  # the loss of this step's last micro-batch, or its first non-finite one
-
-    # ---- data ---------------------------------------------------------------------------------------------
+        self._loss_terms = torch.zeros(4)  # loss, BCE, Dice and micro-batches since the last log
 
     def _get_train_sampler(self, train_dataset=None):
-        """A permutation of ``(seed, epoch)``; its ``set_epoch`` also moves the box jitter to that epoch."""
-        return EpochShuffleSampler(len(train_dataset or self.train_dataset), self.args.seed, self.transform.set_epoch)
+        return EpochShuffleSampler(len(train_dataset or self.train_dataset), self.args.seed, self.transform)
 
     def model_inputs(self, batch: dict) -> dict:
         """Every batch entry but targets and sizes goes to the model; uint8 pixels are normalised here, on the device."""
         inputs = {name: value for name, value in batch.items() if name not in NOT_MODEL_INPUTS}
-        if self.pixels is not None and inputs["pixel_values"].dtype == torch.uint8:  # as loader workers send them
-            inputs["pixel_values"] = self.pixels.normalize(inputs["pixel_values"], batch["reshaped_input_sizes"])
+        if inputs["pixel_values"].dtype == torch.uint8:  # as loader workers send them (transform.normalize off)
+            pixels = self.transform.pixels
+            inputs["pixel_values"] = pixels.normalize(inputs["pixel_values"], batch["reshaped_input_sizes"])
             if "conv_pixel_values" in inputs:
-                conv = self.pixels.normalize_conv(inputs["conv_pixel_values"], batch["original_sizes"])
-                inputs["conv_pixel_values"] = conv
+                inputs["conv_pixel_values"] = pixels.normalize_conv(
+                    inputs["conv_pixel_values"], batch["original_sizes"]
+                )
         return inputs
 
-    # ---- the step -------------------------------------------------------------------------------------------
-
     def _inner_training_loop(self, *args, **kwargs):
-        self._seeded = (-1, 0)  # auto_find_batch_size reruns the loop from step 0 after an out-of-memory error
+        # auto_find_batch_size reruns the loop from step 0 after an out-of-memory error: so do the seeds and the sums
+        self._seeded, self._loss_terms = (-1, 0), torch.zeros(4)
         return super()._inner_training_loop(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -98,28 +137,24 @@ class DBSamTrainer(Trainer):
         outputs = model(**self.model_inputs(inputs), multimask_output=False)
         logits = outputs.pred_masks[:, :, 0]
         losses = bce_dice_loss(logits, inputs["labels"].to(logits.dtype))
-        loss = losses.loss.detach()
-        previous = self._last_loss.to(loss.device)
-        self._last_loss = torch.where(torch.isfinite(previous), loss, previous)
-        terms = torch.stack([losses.bce.detach(), losses.dice.detach(), torch.ones_like(loss)])
-        self._loss_terms = self._loss_terms.to(loss.device) + terms
+        terms = torch.stack([losses.loss, losses.bce, losses.dice, torch.ones_like(losses.loss)]).detach()
+        self._loss_terms = self._loss_terms.to(terms.device) + terms  # a NaN or inf loss stays in the sum
         return (losses.loss, outputs) if return_outputs else losses.loss
 
     def _get_grad_norm(self, model, grad_norm=None):
         """Stop every process, before the optimizer step, when any process has a NaN or inf loss or gradient norm."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
         norm = torch.as_tensor(0.0 if self.args.fp16 else grad_norm, dtype=torch.float32, device=self.args.device)
-        values = self.accelerator.gather(torch.stack([self._last_loss.to(norm.device).float(), norm])[None])
-        self._last_loss = torch.zeros(())
+        values = self.accelerator.gather(torch.stack([self._loss_terms[0].to(norm), norm])[None])
         for what, column in (("loss", values[:, 0]), ("gradient norm", values[:, 1])):
-            bad = column[~torch.isfinite(column)]
-            if len(bad):
+            if not (finite := torch.isfinite(column)).all():
                 latest = latest_checkpoint(self.args.output_dir)
                 kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
                 raise NonFiniteError(
-                    f"{what} is {bad[0].item()} at step {self.state.global_step + 1} (epoch {int(self.state.epoch)}); "
-                    f"training stopped and {kept}. The run is deterministic, so resuming with the same settings "
-                    "repeats it: check the data, or train again with other settings (a lower learning_rate, fp32)"
+                    f"{what} is {column[~finite][0].item()} at step {self.state.global_step + 1} "
+                    f"(epoch {int(self.state.epoch)}); training stopped and {kept}. The run is deterministic, so "
+                    "resuming with the same settings repeats it: check the data, or train again with other "
+                    "settings (a lower learning_rate, fp32)"
                 )
         return grad_norm
 
@@ -127,38 +162,42 @@ class DBSamTrainer(Trainer):
         """Trainer's logs, plus the BCE and Dice terms of the training loss."""
         if "loss" in logs:
             terms = self.accelerator.reduce(self._loss_terms.to(self.args.device), "sum")
-            logs["bce"], logs["dice"] = (terms[:2] / terms[2].clamp(min=1)).tolist()
-            self._loss_terms = torch.zeros(3)
+            logs["bce"], logs["dice"] = (terms[1:3] / terms[3].clamp(min=1)).tolist()
+            self._loss_terms = torch.zeros(4)
         super().log(logs, start_time)
 
     def get_decay_parameter_names(self, model) -> list[str]:
         """Weight decay on matrices and kernels only: biases and normalisation weights (1-D) are not decayed."""
         return [name for name, parameter in model.named_parameters() if parameter.ndim >= 2]
 
-    # ---- evaluation -----------------------------------------------------------------------------------------
-
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Score the model on the eval split with ``dbsam evaluate``'s case-level DSC/NSD protocol."""
+        """Score the model on the eval split with ``dbsam evaluate``'s case-level DSC/NSD protocol, each process
+        predicting a share of the cases (a case's slices are scored as one volume, so a case is never split)."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         folder = Path(self.args.output_dir) / EVALUATIONS_DIR / f"step-{self.state.global_step}"
+        rank, processes = self.accelerator.process_index, self.accelerator.num_processes
+        case_ids = [case.case_id for case in index_cases(dataset)[0]]
+        if self.accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        share = folder / f"cases-{rank}.jsonl"
+        share.unlink(missing_ok=True)  # a rerun of this step after a resume starts afresh
+        model = self.accelerator.unwrap_model(self.model_wrapped).eval()  # training_step sets train() again
+        others = set(case_ids) - set(case_ids[rank::processes])  # run_cases skips these, as if finished
         precision = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        evaluation = evaluate_during_training(
-            self.accelerator,
-            self.model_wrapped,
-            self.processor,
-            eval_dataset if eval_dataset is not None else self.eval_dataset,
-            self.config.data.eval_protocol,
-            folder,
-            self.args.per_device_eval_batch_size,
-            precision,
-        )
+        protocol = get_protocol(self.config.data.eval_protocol)
+        batch_size = self.args.per_device_eval_batch_size
+        run_cases(model, self.processor, dataset, protocol, share, others, batch_size, precision)
+        self.accelerator.wait_for_everyone()
+        scored = [case for r in range(processes) for case in read_finished_cases(folder / f"cases-{r}.jsonl").values()]
+        summary = aggregate(scored)
+        evaluation = {"protocol": protocol.describe(), "metrics": summary_metrics(summary), **summary}
         if self.accelerator.is_main_process:
             atomic_write(folder / "summary.json", lambda path: Path(path).write_text(json.dumps(evaluation, indent=2)))
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in evaluation["metrics"].items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-    # ---- checkpoints ----------------------------------------------------------------------------------------
 
     def _get_output_dir(self, trial) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
@@ -175,25 +214,23 @@ class DBSamTrainer(Trainer):
         """Trainer's checkpoint, written into a staging folder and renamed when complete: a run killed while saving
         leaves the previous checkpoints intact, and ``latest`` never picks a partial one."""
         root = Path(self.args.output_dir)
-        final = root / f"checkpoint-{self.state.global_step}"
+        staging, final = root / STAGING_DIR, root / f"checkpoint-{self.state.global_step}"
         if self.accelerator.is_main_process:
-            shutil.rmtree(root / STAGING_DIR, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self._staging = root / STAGING_DIR
+        self._staging = staging
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            best = self.state.best_model_checkpoint
-            if best is not None and Path(best).parent == root / STAGING_DIR:
+            if self.state.best_model_checkpoint == str(staging / final.name):
                 self.state.best_model_checkpoint = str(final)
-            self.state.save_to_json(str(root / STAGING_DIR / final.name / "trainer_state.json"))
+                self.state.save_to_json(str(staging / final.name / "trainer_state.json"))
             shutil.rmtree(final, ignore_errors=True)  # an older run's checkpoint of this step
-            os.replace(root / STAGING_DIR / final.name, final)
-            (root / STAGING_DIR).rmdir()
-            fsync_folder(root)
+            os.replace(staging / final.name, final)
+            staging.rmdir()
             rotate_checkpoints(str(root), self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
@@ -203,8 +240,6 @@ class DBSamTrainer(Trainer):
         super()._save(output_dir, state_dict)
         self.processor.save_pretrained(output_dir or self.args.output_dir)
 
-    # ---- the published folder -------------------------------------------------------------------------------
-
     def published_evaluation(self) -> dict | None:
         """The evaluation of the weights that get published (the best checkpoint's or the last step's), if any."""
         best = self.args.load_best_model_at_end and self.state.best_model_checkpoint
@@ -213,23 +248,21 @@ class DBSamTrainer(Trainer):
         return {"step": step, **json.loads(path.read_text(encoding="utf-8"))} if path.is_file() else None
 
     def create_model_card(self, **kwargs) -> None:
-        """Trainer's card (hyper-parameters), with the training losses and validation scores along the run and the
+        """Trainer's card (hyper-parameters), with the training loss and validation scores along the run and the
         per-task scores of the published weights."""
         kwargs.setdefault("tags", ["dbsam", "medical-image-segmentation", "image-segmentation"])
-        kwargs.setdefault("finetuned_from", self.config.model.model)
         kwargs.setdefault("dataset", Path(self.config.data.data).name)
         super().create_model_card(**kwargs)
         if not self.is_world_process_zero():
             return
-        lines, loss = ["", "## Training and validation results", ""], None
-        lines += ["| step | epoch | training loss | validation DSC | validation NSD |", "|---:|---:|---:|---:|---:|"]
+        lines = ["", "## Training and validation results", "", "| step | epoch | training loss | DSC | NSD |"]
+        lines.append("|---:|---:|---:|---:|---:|")
+        loss = "-"
         for entry in self.state.log_history:
-            loss = entry.get("loss", loss)
+            loss = f"{entry['loss']:.4f}" if "loss" in entry else loss
             if "eval_dsc" in entry:
-                lines.append(
-                    f"| {entry['step']} | {entry['epoch']:.2f} | {'-' if loss is None else f'{loss:.4f}'} "
-                    f"| {entry['eval_dsc']:.4f} | {entry['eval_nsd']:.4f} |"
-                )
+                epoch, dsc, nsd = entry["epoch"], entry["eval_dsc"], entry["eval_nsd"]
+                lines.append(f"| {entry['step']} | {epoch:.2f} | {loss} | {dsc:.4f} | {nsd:.4f} |")
         if (evaluation := self.published_evaluation()) is not None:
             lines += ["", f"Published weights: step {evaluation['step']}, {evaluation['protocol']['summary']}.", ""]
             lines += ["| task | cases | DSC | NSD |", "|---|---:|---:|---:|"]
@@ -240,14 +273,12 @@ class DBSamTrainer(Trainer):
     def publish(self) -> None:
         """Write the Hub-ready folder: weights, config, processor, training config, evaluation results, model card;
         with push_to_hub, Trainer's push_to_hub saves the weights and the card and uploads the folder, once."""
-        if self.is_world_process_zero():
-            results = Path(self.args.output_dir) / EVAL_RESULTS_FILE
-            if (evaluation := self.published_evaluation()) is not None:
-                atomic_write(
-                    results, lambda path: Path(path).write_text(json.dumps(evaluation, indent=2)), overwrite=True
-                )
-            else:
-                results.unlink(missing_ok=True)  # an older run's results would describe other weights
+        results = Path(self.args.output_dir) / EVAL_RESULTS_FILE
+        evaluation = self.published_evaluation()
+        if self.is_world_process_zero() and evaluation is None:
+            results.unlink(missing_ok=True)  # an older run's results would describe other weights
+        elif self.is_world_process_zero():
+            atomic_write(results, lambda path: Path(path).write_text(json.dumps(evaluation, indent=2)), overwrite=True)
         if self.args.push_to_hub:
             self.push_to_hub()
         else:
@@ -255,36 +286,68 @@ class DBSamTrainer(Trainer):
             self.create_model_card()
 
 
-def fsync_folder(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def available_metrics(dataset: datasets.Dataset) -> list[str]:
+    """The metric names an evaluation of ``dataset`` yields, known before it runs: those of a summary of its tasks."""
+    tasks = set(zip(dataset["task"], dataset["dimension"]))
+    scores = {"dsc": 0.0, "nsd": 0.0}
+    summary = {"tasks": [{"task": task, **scores} for task, _ in tasks], "averages": {d: scores for _, d in tasks}}
+    return sorted(summary_metrics(summary))
+
+
+def build_model(args: ModelArguments) -> DBSamModel:
+    """A DB-SAM from a SAM / MedSAM / DB-SAM checkpoint, or from ``model_config`` with PyTorch's initialisation of
+    SAM's layers (adapters keep their own). Adapter fields of ``args`` override the configuration; seed first."""
+    if args.model_config is None:
+        return DBSamModel.from_pretrained(args.model, **args.config_overrides())
+    config = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
+    model = DBSamModel(DBSamConfig.from_dict(config, **args.config_overrides()))
+    reset_to_pytorch_init(model, keep=model.adapter_modules())
+    return model
+
+
+def build_processor(args: ModelArguments, config: DBSamConfig, data_dir: str | None = None):
+    """The processor named by ``processor``, the checkpoint's own, or SAM's preprocessing sized to ``model_config``,
+    with the intensity rule of the training data (``data_dir``'s card), so that inference reproduces it."""
+    source = args.processor or args.model
+    processor = build_sam_processor(config, *pixel_statistics({})) if source is None else load_processor(source)
+    size, expected = processor.image_processor.size["longest_edge"], config.vision_config.image_size
+    if size != expected:
+        raise ValueError(f"the processor of {source} resizes images to {size} px but the model takes {expected} px")
+    if data_dir is not None and (preprocessing := read_preprocessing(data_dir)) is not None:
+        set_dataset_preprocessing(processor, preprocessing)
+    return processor
+
+
+def wants_sync_batch_norm(setting: bool | None, num_processes: int, device: torch.device) -> bool:
+    """Whether the conv branch's BatchNorm should be synchronised: by default when several GPU processes
+    each see a slice of the batch. PyTorch's SyncBatchNorm runs on accelerators only."""
+    if setting and num_processes > 1 and device.type == "cpu":
+        raise ValueError("sync_batch_norm: PyTorch's SyncBatchNorm needs GPU processes; set it false on CPU")
+    return (num_processes > 1 and device.type != "cpu") if setting is None else setting
 
 
 def training_and_eval_sets(config: RunConfig) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """The training split and the split that selects the model: the dataset's own, or one carved from the
-    training split by case (``validation_fraction``). The test split is left to ``dbsam evaluate``."""
-    data = config.data
+    """The training split and the split that selects the model (the dataset's own, or one carved from the
+    training split by case: ``validation_fraction``), each checked. The test split is left to ``dbsam evaluate``."""
+    data, metric = config.data, config.training.metric_for_best_model
     splits = datasets.load_from_disk(data.data)
     train_set = splits[data.train_split]
     if data.validation_fraction > 0:
         train_set, validation = carve_validation(train_set, data.validation_fraction, data.validation_seed)
         splits = {**splits, "validation": validation}
-    return train_set, splits[data.eval_split] if config.training.eval_strategy != "no" else None
-
-
-def check_eval_set(eval_set: datasets.Dataset, config: RunConfig) -> None:
-    """The eval split is not empty and yields metric_for_best_model (a 2D metric needs 2D tasks...)."""
+    if len(train_set) == 0:
+        raise ConfigError(f"train_split {data.train_split!r} of {data.data} is empty")
+    if config.training.eval_strategy == "no":
+        return train_set, None
+    eval_set = splits[data.eval_split]
     if len(eval_set) == 0:
-        raise ConfigError(f"eval_split {config.data.eval_split!r} of {config.data.data} is empty")
-    name = config.training.metric_for_best_model
-    if name is not None and name.removeprefix("eval_") not in (names := available_metrics(eval_set)):
+        raise ConfigError(f"eval_split {data.eval_split!r} of {data.data} is empty")
+    if metric is not None and metric.removeprefix("eval_") not in (names := available_metrics(eval_set)):
         raise ConfigError(
-            f"metric_for_best_model {name!r} cannot be computed on eval_split {config.data.eval_split!r}; "
-            f"it yields {', '.join(names)}"
+            f"metric_for_best_model {metric!r} cannot be computed on eval_split {data.eval_split!r}; it yields "
+            f"{', '.join(names)}"
         )
+    return train_set, eval_set
 
 
 def prepare_output_dir(config: RunConfig) -> None:
@@ -305,14 +368,12 @@ def build_trainer(config: RunConfig) -> DBSamTrainer:
     """Data, model and Trainer of a run; refuses what the data cannot give before a model is loaded."""
     args = config.training
     train_set, eval_set = training_and_eval_sets(config)
-    if eval_set is not None:
-        check_eval_set(eval_set, config)
     transformers.set_seed(args.seed)  # identical random init (adapters, or all from model_config) on every rank
     model = build_model(config.model)
     processor = build_processor(config.model, model.config, config.data.data)  # records the data's intensity rule
     model.freeze_for_training()
     if wants_sync_batch_norm(args.sync_batch_norm, args.world_size, args.device):
-        convert_to_sync_batch_norm(model)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the conv branch's BatchNorm layers
     # Box jitter is a function of (seed, epoch, example); loader workers only resize: uint8 batches (a quarter of
     # the bytes) are normalised on the device, by the processor's own table.
     transform = SamBoxTransform(
@@ -344,8 +405,6 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides", category=UserWarning)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    datasets.utils.logging.set_verbosity_warning()
-    transformers.utils.logging.set_verbosity_warning()
 
 
 def main(argv: list[str] | None = None) -> int:
