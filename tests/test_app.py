@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from browser import BROWSER_MISSING, AppPage, start_browser
 from dicom_data import write_ct_series, write_two_series_zip
-from tiny import count_encoder_calls, save_tiny_dbsam, scrambled_tiny_dbsam, tiny_processor
+from tiny import count_encoder_calls, save_tiny_dbsam, scrambled_tiny_dbsam
 
 from modeling_dbsam.app import session as app
 from modeling_dbsam.io import read_image
@@ -26,16 +26,6 @@ BLOB = Path(__file__).parent / "data" / "blob_ct.nii.gz"
 CT = IntensityConfig("CT", (40, 400))
 BOX = (26, 16, 48, 36)  # x0, y0, x1, y1 on the blob's middle slice; the tiny model's mask there is not empty
 Z = 20
-
-
-@pytest.fixture(scope="module")
-def model():
-    return scrambled_tiny_dbsam()
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return tiny_processor()
 
 
 def expected_labels(model, processor, box=BOX, z=Z, intensity=CT):

@@ -35,16 +35,6 @@ class Untouchable:
 
 
 @pytest.fixture(scope="module")
-def model():
-    return scrambled_tiny_dbsam()
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return tiny_processor()
-
-
-@pytest.fixture(scope="module")
 def brain():
     """12 axial slices of the real ch2 brain MR (uint8, so intensity passes through)."""
     return read_image(MR).array[70 - FIRST_SLICE : 82 - FIRST_SLICE]

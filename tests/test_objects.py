@@ -24,16 +24,6 @@ MR = IntensityConfig("MR")  # percentile clipping: the raw stored values of the 
 
 
 @pytest.fixture(scope="module")
-def model():
-    return scrambled_tiny_dbsam()
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return tiny_processor()
-
-
-@pytest.fixture(scope="module")
 def volume():
     return ct_series_volume(8)[:, ::2, ::2]  # (8, 64, 64) real CT values
 
