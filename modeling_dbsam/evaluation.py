@@ -289,6 +289,13 @@ def summary_metrics(summary: dict) -> dict[str, float]:
     return metrics
 
 
+def metric_names(dataset) -> list[str]:
+    """The :func:`summary_metrics` names an evaluation of ``dataset`` yields, known before it runs."""
+    tasks, scores = set(zip(dataset["task"], dataset["dimension"])), {"dsc": 0.0, "nsd": 0.0}
+    summary = {"tasks": [{"task": task, **scores} for task, _ in tasks], "averages": {d: scores for _, d in tasks}}
+    return sorted(summary_metrics(summary))
+
+
 # ---------------------------------------------------------------------------------------------
 # The dataset split, case by case
 # ---------------------------------------------------------------------------------------------

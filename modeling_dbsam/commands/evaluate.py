@@ -36,16 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_split(data: Path, split: str):
-    import datasets
+    from modeling_dbsam.data.save import load_splits
 
-    if not data.exists():
-        raise FileNotFoundError(f"{data}: no such dataset folder")
-    try:
-        loaded = datasets.load_from_disk(str(data))
-    except FileNotFoundError as error:
-        raise ValueError(f"{data}: not a folder written by save_to_disk ({error})") from error
-    if not isinstance(loaded, datasets.DatasetDict):
-        raise ValueError(f"{data}: holds a single Dataset; save a DatasetDict with named splits (e.g. 'test')")
+    loaded = load_splits(data)
     if split not in loaded:
         raise ValueError(f"{data}: has no split {split!r} (splits: {', '.join(loaded)})")
     return loaded[split]

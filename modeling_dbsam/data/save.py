@@ -14,6 +14,20 @@ from modeling_dbsam.data.card import dataset_card, write_card
 from modeling_dbsam.io import staging_folder
 
 
+def load_splits(folder: str | os.PathLike) -> datasets.DatasetDict:
+    """A ``DatasetDict`` folder written by ``save_to_disk`` (memory-mapped), or one clear error saying what it is."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such dataset folder")
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except FileNotFoundError as error:
+        raise ValueError(f"{folder}: not a folder written by save_to_disk ({error})") from error
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise ValueError(f"{folder}: holds a single Dataset; save a DatasetDict with named splits (e.g. 'test')")
+    return loaded
+
+
 def check_output_folder(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an existing ``out_dir`` unless ``overwrite``, before any work is done."""
     out_dir = Path(out_dir)
