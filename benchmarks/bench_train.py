@@ -94,7 +94,7 @@ def measure_loop(loop: str, steps: int, warmup: int) -> dict:
     argv += ["--adapter_dropout", "0.1", "--adapter_drop_path_rate", "0.1", "--horizontal_flip", "0.5"]
     argv += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm"]
     argv += ["--logging_steps", "1000"]
-    trainer = train.build_trainer(train.parse_config(argv))
+    trainer = train.build_trainer(train.arguments.parse_config(argv))
     times, setup = [], {}
 
     class StepTimer(TrainerCallback):

@@ -109,7 +109,7 @@ def test_push_to_hub_sends_the_published_folder_and_only_complete_checkpoints(tm
     assert hub.repos == ["dbsam-test"]
     assert all(upload["repo"] == "user/dbsam-test" for upload in hub.uploads)
     checkpoints = [u for u in hub.uploads if u["folder"].name.startswith("checkpoint-")]
-    assert [u["folder"].name for u in checkpoints] == ["checkpoint-2", "checkpoint-4"]  # renamed, never the staging
+    assert [u["folder"].name for u in checkpoints] == ["checkpoint-2", "checkpoint-4"]  # complete ones
     assert all("trainer_state.json" in u["files"] and "model.safetensors" in u["files"] for u in checkpoints)
     final = hub.uploads[-1]
     assert final["folder"] == tmp_path / "pushed"

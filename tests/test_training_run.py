@@ -79,9 +79,9 @@ def test_killed_during_a_save_and_resumed_equals_an_uninterrupted_run_bitwise(tm
     with pytest.raises(KeyboardInterrupt):
         run_training(killed)
     output = tmp_path / "killed"
-    assert (output / train.STAGING_DIR / "checkpoint-6" / "model.safetensors").is_file()
-    assert checkpoint_names(output) == ["checkpoint-3"]  # mid-epoch: 6 of 8 micro-batches done
-    assert latest_checkpoint(output) == output / "checkpoint-3"
+    assert (output / "checkpoint-6" / "model.safetensors").is_file()  # weights written, the state not yet
+    assert not (output / "checkpoint-6" / "trainer_state.json").exists()
+    assert latest_checkpoint(output) == output / "checkpoint-3"  # mid-epoch: 6 of 8 micro-batches done
     monkeypatch.setattr(transformers.Trainer, "_save_rng_state", original_save)
 
     # Every file the resume reads is safetensors or loads with weights_only=True (no pickled code runs).
@@ -91,7 +91,6 @@ def test_killed_during_a_save_and_resumed_equals_an_uninterrupted_run_bitwise(tm
     )
     assert run_training([*killed, "--resume_from_checkpoint", "latest"]) == 0
     assert sorted(loads) == [("optimizer.pt", True), ("rng_state.pth", True), ("scheduler.pt", True)]
-    assert not (output / train.STAGING_DIR).exists()
     assert TrainerState.load_from_json(str(output / "checkpoint-6" / "trainer_state.json")).global_step == 6
     expected, resumed = final_weights(tmp_path / "uninterrupted"), final_weights(output)
     assert expected.keys() == resumed.keys()
@@ -187,19 +186,16 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert not (tmp_path / "nan" / "model.safetensors").exists()  # no model is published from a failed run
 
 
-def test_latest_is_the_newest_complete_checkpoint_and_an_interrupted_save_is_dropped(tmp_path, data_dir):
-    config = train.parse_config(base_args(tmp_path, data_dir, "out"))
-    output = tmp_path / "out"
+def test_latest_is_the_newest_complete_checkpoint(tmp_path):
     for step in (2, 4, 6):
-        (output / f"checkpoint-{step}").mkdir(parents=True)
-        TrainerState(global_step=step).save_to_json(str(output / f"checkpoint-{step}" / "trainer_state.json"))
-    (output / "checkpoint-8").mkdir()  # no trainer_state.json: not a complete checkpoint
-    (output / "checkpoint-10.bak").mkdir()
-    (output / train.STAGING_DIR / "checkpoint-9").mkdir(parents=True)  # a save that never finished
-    TrainerState(global_step=9).save_to_json(str(output / train.STAGING_DIR / "checkpoint-9" / "trainer_state.json"))
-    assert latest_checkpoint(output) == output / "checkpoint-6"
-    train.prepare_output_dir(config)  # what every run does first
-    assert not (output / train.STAGING_DIR).exists() and latest_checkpoint(output) == output / "checkpoint-6"
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        TrainerState(global_step=step).save_to_json(str(tmp_path / f"checkpoint-{step}" / "trainer_state.json"))
+    (tmp_path / "checkpoint-8").mkdir()  # a save killed before its trainer_state.json: not a checkpoint
+    (tmp_path / "checkpoint-9").mkdir()  # killed while writing it: half a JSON file
+    (tmp_path / "checkpoint-9" / "trainer_state.json").write_text('{"global_step": 9, "log_hi')
+    (tmp_path / "checkpoint-10.bak").mkdir()
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
+    assert latest_checkpoint(tmp_path / "missing") is None
 
 
 def test_evaluation_picks_the_best_checkpoint_and_publishes_its_scores(tmp_path, data_dir):

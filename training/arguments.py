@@ -1,8 +1,6 @@
-"""The run's configuration: transformers' ``TrainingArguments`` plus the project's model and data fields.
-
-``HfArgumentParser`` reads them from a ``--config`` YAML file (defaults) and the command line (overrides).
-Everything is checked before a model is loaded; each problem is one ``ConfigError`` line.
-"""
+"""The run's configuration: transformers' ``TrainingArguments`` plus the project's model and data fields, read by
+``HfArgumentParser`` from a ``--config`` YAML file and the command line, each problem one ``ConfigError`` line
+before any model is loaded."""
 
 from __future__ import annotations
 
@@ -20,10 +18,9 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
-from transformers.trainer_utils import IntervalStrategy, SchedulerType
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SchedulerType
 
 CONFIG_FILE_NAME = "training_config.yaml"  # the resolved configuration, saved in output_dir
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Fields a resumed run may change: they do not change what is computed.
 RUN_CONTROL_FIELDS = frozenset(
     "resume_from_checkpoint overwrite_output_dir logging_steps logging_first_step report_to disable_tqdm use_cpu "  # noqa: SIM905
@@ -93,9 +90,7 @@ class DBSamTrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = option(4, "Images per process per micro-batch.")
     learning_rate: float = option(1e-4, "Peak learning rate (paper: 1e-4).")
     weight_decay: float = option(0.01, "Weight decay, not on biases and norms (paper: 0.01).")
-    lr_scheduler_type: SchedulerType | str = option("polynomial", "transformers' scheduler name.")
-    lr_end: float = option(0.0, "polynomial: learning rate at the end of the decay.")
-    lr_power: float = option(1.0, "polynomial: power of the decay.")
+    lr_scheduler_type: SchedulerType | str = option("polynomial", "transformers' scheduler (polynomial: linear to 0).")
     eval_strategy: IntervalStrategy | str = option("epoch", "When to evaluate on eval_split: no, steps, epoch.")
     logging_steps: float = option(10, "Log loss, lr and grad norm every N steps.")
     report_to: None | str | list[str] = option("tensorboard", "A tracker, all or none (a YAML list for several).")
@@ -108,11 +103,8 @@ class DBSamTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         if self.lr_scheduler_type == "polynomial" and not self.lr_scheduler_kwargs:
-            self.lr_scheduler_kwargs = {"lr_end": self.lr_end, "power": self.lr_power}
-        _check(self.eval_strategy != IntervalStrategy.STEPS or self.eval_steps, "eval_strategy steps needs eval_steps")
-        _check(
-            self.save_strategy != "steps" or self.save_steps, "save_steps 0 never saves: use save_strategy epoch or no"
-        )
+            self.lr_scheduler_kwargs = {"lr_end": 0.0, "power": 1.0}
+        check(self.save_strategy != "steps" or self.save_steps, "save_steps 0 never saves: use save_strategy epoch")
         super().__post_init__()
 
 
@@ -210,84 +202,58 @@ def check_engines(options) -> None:
     """Distributed engines that cannot work here, before TrainingArguments sets them up."""
     deepspeed = options.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     if deepspeed:
-        _check(importlib.util.find_spec("deepspeed") is not None, "DeepSpeed was requested but is not installed")
-        _check(torch.cuda.is_available(), "DeepSpeed was requested but needs CUDA GPUs, and none is visible")
+        check(importlib.util.find_spec("deepspeed") is not None, "DeepSpeed was requested but is not installed")
+        check(torch.cuda.is_available(), "DeepSpeed was requested but needs CUDA GPUs, and none is visible")
     if options.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        _check(not deepspeed, "choose one of FSDP and DeepSpeed")
-        _check(torch.cuda.is_available(), "FSDP was requested but needs CUDA GPUs: on CPU, Accelerate runs DDP only")
+        check(not deepspeed, "choose one of FSDP and DeepSpeed")
+        check(torch.cuda.is_available(), "FSDP was requested but needs CUDA GPUs: on CPU, Accelerate runs DDP only")
 
 
-def _check(condition: bool, message: str) -> None:
+def check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
-
-
-def _dataset_splits(path: Path) -> list[str]:
-    """Split names of a ``DatasetDict.save_to_disk`` folder, read from its index without loading data."""
-    index = path / "dataset_dict.json"
-    if not index.is_file():
-        hint = " (a single Dataset, not a DatasetDict)" if (path / "dataset_info.json").is_file() else ""
-        raise ConfigError(f"data {path}: not a DatasetDict folder written by save_to_disk{hint}: no dataset_dict.json")
-    return list(json.loads(index.read_text(encoding="utf-8"))["splits"])
 
 
 def validate(config: RunConfig) -> None:
     """Every check that needs no model and no data loading, so mistakes surface in a second."""
     model, data, train = config.model, config.data, config.training
-    _check((model.model is None) != (model.model_config is None), "give exactly one of model and model_config")
+    check((model.model is None) != (model.model_config is None), "give exactly one of model and model_config")
     if model.model_config is not None:
-        _check(Path(model.model_config).is_file(), f"model_config {model.model_config}: no such file")
+        check(Path(model.model_config).is_file(), f"model_config {model.model_config}: no such file")
     if model.processor is not None:
-        _check(Path(model.processor).is_dir(), f"processor {model.processor}: no such folder")
+        check(Path(model.processor).is_dir(), f"processor {model.processor}: no such folder")
     for name in ("adapter_dropout", "adapter_drop_path_rate"):
         value = getattr(model, name)
-        _check(value is None or 0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
+        check(value is None or 0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
 
-    _check(data.data is not None, "data is required: a DatasetDict folder written by save_to_disk")
-    data_path = Path(data.data)
-    _check(data_path.is_dir(), f"data {data_path}: no such folder")
-    splits = _dataset_splits(data_path)
-    _check(data.train_split in splits, f"train_split {data.train_split!r} not in {data_path} (splits: {splits})")
-    fraction = data.validation_fraction
-    _check(0.0 <= fraction < 1.0, f"validation_fraction must be in [0, 1), got {fraction}")
-    if fraction > 0:
-        _check(
-            data.eval_split == "validation",
-            f"validation_fraction carves the split named 'validation'; set eval_split: validation, not {data.eval_split!r}",
-        )
-        _check(
-            "validation" not in splits, f"data {data_path} has its own validation split: set validation_fraction: 0"
-        )
-    evaluates = train.eval_strategy != IntervalStrategy.NO
-    if evaluates:
-        _check(
-            data.eval_split != "test",
-            "eval_split 'test': evaluation during training selects the model, so it must not read the test split; "
-            "evaluate on a validation split (the dataset's, or validation_fraction: 0.1 to carve one from "
-            "train_split by case) and score the test split once with `dbsam evaluate` after training",
-        )
-        _check(
-            data.eval_split in splits or fraction > 0,
-            f"eval_split {data.eval_split!r} not in {data_path} (splits: {splits}); set validation_fraction "
-            "(e.g. 0.1) to carve a validation split from train_split by case, or eval_strategy: no",
-        )
-    _check(data.max_box_shift >= 0, f"max_box_shift must be >= 0, got {data.max_box_shift}")
-    _check(0.0 <= data.horizontal_flip <= 1.0, f"horizontal_flip must be in [0, 1], got {data.horizontal_flip}")
+    check(data.data is not None, "data is required: a DatasetDict folder written by save_to_disk")
+    fraction, evaluates = data.validation_fraction, train.eval_strategy != IntervalStrategy.NO
+    check(0.0 <= fraction < 1.0, f"validation_fraction must be in [0, 1), got {fraction}")
+    check(
+        fraction == 0 or data.eval_split == "validation",
+        f"validation_fraction carves the split named 'validation'; set eval_split: validation, not {data.eval_split!r}",
+    )
+    check(
+        not evaluates or data.eval_split != "test",
+        "eval_split 'test': evaluation during training selects the model, so it must not read the test split; "
+        "evaluate on a validation split (the dataset's, or validation_fraction: 0.1 to carve one from "
+        "train_split by case) and score the test split once with `dbsam evaluate` after training",
+    )
+    check(data.max_box_shift >= 0, f"max_box_shift must be >= 0, got {data.max_box_shift}")
+    check(0.0 <= data.horizontal_flip <= 1.0, f"horizontal_flip must be in [0, 1], got {data.horizontal_flip}")
 
-    _check(not train.fp16 or torch.cuda.is_available(), "fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32")
-    _check(train.learning_rate > 0, f"learning_rate must be > 0, got {train.learning_rate}")
-    _check(0 <= train.lr_end < train.learning_rate, f"lr_end must be in [0, learning_rate), got {train.lr_end}")
-    _check(train.lr_power > 0, f"lr_power must be > 0, got {train.lr_power}")
+    check(not train.fp16 or torch.cuda.is_available(), "fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32")
+    check(train.learning_rate > 0, f"learning_rate must be > 0, got {train.learning_rate}")
     trackers = sorted(INTEGRATION_TO_CALLBACK)
     for name in set(train.report_to) - {"none", "all"}:
-        _check(name in trackers, f"report_to {name!r} is not a tracker: use {', '.join(trackers)}, all or none")
-        _check(name in get_available_reporting_integrations(), f"report_to {name!r}: its package is not installed")
-    _check(not train.dataloader_persistent_workers, "dataloader_persistent_workers would freeze the box jitter")
-    _check(
+        check(name in trackers, f"report_to {name!r} is not a tracker: use {', '.join(trackers)}, all or none")
+        check(name in get_available_reporting_integrations(), f"report_to {name!r}: its package is not installed")
+    check(not train.dataloader_persistent_workers, "dataloader_persistent_workers would freeze the box jitter")
+    check(
         evaluates or train.metric_for_best_model is None,
         "metric_for_best_model needs evaluation: set eval_strategy steps or epoch",
     )
-    _check(
+    check(
         not (train.overwrite_output_dir and train.resume_from_checkpoint),
         "overwrite_output_dir and resume_from_checkpoint contradict each other: choose one",
     )
@@ -295,22 +261,26 @@ def validate(config: RunConfig) -> None:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (a ``checkpoint-<step>`` folder with its ``trainer_state.json``)."""
-    root = Path(output_dir)
-    found = [p for p in root.glob("checkpoint-*") if CHECKPOINT.match(p.name) and (p / "trainer_state.json").is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+    """The newest complete checkpoint: a ``checkpoint-<step>`` folder whose ``trainer_state.json``, which Trainer
+    writes after the weights, optimizer, scheduler and RNG states, reads whole (a killed save leaves none, or half)."""
+    steps = {p: p.name.removeprefix(PREFIX_CHECKPOINT_DIR + "-") for p in Path(output_dir).glob("checkpoint-*")}
+    return max(
+        (p for p, step in steps.items() if step.isdigit() and _complete(p)), key=lambda p: int(steps[p]), default=None
+    )
+
+
+def _complete(checkpoint: Path) -> bool:
+    try:
+        return isinstance(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | Path) -> Path:
-    """``latest`` (the newest complete checkpoint in ``output_dir``) or an explicit checkpoint folder."""
-    if resume_from_checkpoint == "latest":
-        _check(
-            (found := latest_checkpoint(output_dir)) is not None,
-            f"resume_from_checkpoint latest: no complete checkpoint in {output_dir}",
-        )
-        return found
-    folder = Path(resume_from_checkpoint)
-    _check((folder / "trainer_state.json").is_file(), f"{folder}: not a training checkpoint (no trainer_state.json)")
+    """``latest`` (the newest checkpoint in ``output_dir``) or an explicit checkpoint folder."""
+    folder = latest_checkpoint(output_dir) if resume_from_checkpoint == "latest" else Path(resume_from_checkpoint)
+    check(folder is not None, f"resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
+    check((folder / "trainer_state.json").is_file(), f"{folder}: not a training checkpoint (no trainer_state.json)")
     return folder
 
 
@@ -319,7 +289,7 @@ def validate_output_dir(config: RunConfig) -> None:
     refuse a checkpoint of a run with another configuration."""
     train = config.training
     output_dir, resume = Path(train.output_dir), train.resume_from_checkpoint
-    _check(not output_dir.exists() or output_dir.is_dir(), f"output_dir {output_dir}: exists and is not a folder")
+    check(not output_dir.exists() or output_dir.is_dir(), f"output_dir {output_dir}: exists and is not a folder")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not train.overwrite_output_dir and resume is None:
         what = "a training run" if (output_dir / CONFIG_FILE_NAME).is_file() else "files"
         raise ConfigError(
@@ -330,14 +300,14 @@ def validate_output_dir(config: RunConfig) -> None:
         return
     checkpoint = resolve_checkpoint(resume, output_dir)
     saved_path = checkpoint.parent / CONFIG_FILE_NAME
-    _check(saved_path.is_file(), f"{checkpoint.parent} holds no {CONFIG_FILE_NAME}: it is not a run to resume")
+    check(saved_path.is_file(), f"{checkpoint.parent} holds no {CONFIG_FILE_NAME}: it is not a run to resume")
     saved, current = yaml.safe_load(saved_path.read_text(encoding="utf-8")), config.to_dict()
     changed = [
         f"{k}: {saved.get(k)!r} -> {v!r}"
         for k, v in current.items()
         if k not in RUN_CONTROL_FIELDS and saved.get(k) != v
     ]
-    _check(
+    check(
         not changed,
         f"{checkpoint} belongs to a run with a different configuration ({'; '.join(changed)}); resuming needs the "
         "same settings, or use --overwrite_output_dir / another output_dir",
