@@ -270,6 +270,11 @@ def test_resume_from_an_explicit_folder_must_be_a_checkpoint(tmp_path, base):
     path = write_yaml(tmp_path, base)
     with pytest.raises(ConfigError, match="not a training checkpoint"):
         parse_config(["--config", path, "--resume_from_checkpoint", str(tmp_path)])
+    half = tmp_path / "checkpoint-5"  # killed while Trainer wrote its state
+    half.mkdir()
+    (half / "trainer_state.json").write_text('{"global_step": 5, "log_hi')
+    with pytest.raises(ConfigError, match="not a training checkpoint"):
+        parse_config(["--config", path, "--resume_from_checkpoint", str(half)])
 
 
 def test_a_processor_that_does_not_fit_the_model_is_refused(tmp_path):

@@ -263,13 +263,14 @@ def validate(config: RunConfig) -> None:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint: a ``checkpoint-<step>`` folder whose ``trainer_state.json``, which Trainer
     writes after the weights, optimizer, scheduler and RNG states, reads whole (a killed save leaves none, or half)."""
-    steps = {p: p.name.removeprefix(PREFIX_CHECKPOINT_DIR + "-") for p in Path(output_dir).glob("checkpoint-*")}
-    return max(
-        (p for p, step in steps.items() if step.isdigit() and _complete(p)), key=lambda p: int(steps[p]), default=None
-    )
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    folders = {
+        int(p.name[len(prefix) :]): p for p in Path(output_dir).glob(f"{prefix}*") if p.name[len(prefix) :].isdigit()
+    }
+    return next((folders[step] for step in sorted(folders, reverse=True) if is_complete(folders[step])), None)
 
 
-def _complete(checkpoint: Path) -> bool:
+def is_complete(checkpoint: Path) -> bool:
     try:
         return isinstance(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")), dict)
     except (OSError, ValueError):
@@ -277,10 +278,10 @@ def _complete(checkpoint: Path) -> bool:
 
 
 def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | Path) -> Path:
-    """``latest`` (the newest checkpoint in ``output_dir``) or an explicit checkpoint folder."""
+    """``latest`` (the newest complete checkpoint in ``output_dir``) or an explicit checkpoint folder."""
     folder = latest_checkpoint(output_dir) if resume_from_checkpoint == "latest" else Path(resume_from_checkpoint)
     check(folder is not None, f"resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
-    check((folder / "trainer_state.json").is_file(), f"{folder}: not a training checkpoint (no trainer_state.json)")
+    check(is_complete(folder), f"{folder}: not a training checkpoint (no complete trainer_state.json)")
     return folder
 
 

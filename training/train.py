@@ -123,10 +123,12 @@ class DBSamTrainer(Trainer):
         for what, column in (("loss", values[:, 0]), ("gradient norm", values[:, 1])):
             if not (finite := torch.isfinite(column)).all():
                 latest = arguments.latest_checkpoint(self.args.output_dir)
+                kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
                 raise NonFiniteError(
-                    f"{what} is {column[~finite][0].item()} at step {self.state.global_step + 1} (epoch "
-                    f"{int(self.state.epoch)}); training stopped, the last good checkpoint is {latest or 'none'}. "
-                    "Resuming with the same settings repeats it: check the data, or lower learning_rate, use fp32"
+                    f"{what} is {column[~finite][0].item()} at step {self.state.global_step + 1} "
+                    f"(epoch {int(self.state.epoch)}); training stopped and {kept}. The run is deterministic, so "
+                    "resuming with the same settings repeats it: check the data, or train again with other "
+                    "settings (a lower learning_rate, fp32)"
                 )
         return grad_norm
 
