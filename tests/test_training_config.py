@@ -195,6 +195,16 @@ def test_config_errors_name_the_problem(tmp_path, base, change, message):
     assert message in str(error.value)
 
 
+def test_a_data_folder_that_is_not_a_dataset_dict_is_one_clear_error(tmp_path, base):
+    import datasets
+
+    datasets.Dataset.from_dict({"image": [0]}).save_to_disk(str(tmp_path / "single"))
+    (tmp_path / "empty").mkdir()
+    for folder, message in (("single", "holds a single Dataset"), ("empty", "not a folder written by save_to_disk")):
+        with pytest.raises(ConfigError, match=f"^data {tmp_path / folder}: {message}"):
+            checked(tmp_path, {**base, "data": str(tmp_path / folder)})
+
+
 def test_fsdp_on_a_machine_without_gpus_is_refused_before_any_work(tmp_path, base, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
     with pytest.raises(ConfigError, match="FSDP was requested but needs CUDA GPUs"):
